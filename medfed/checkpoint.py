@@ -1,0 +1,94 @@
+"""Saving and loading model checkpoints (atomic writes, safe ``weights_only`` loading, one-line errors)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medfed import __version__
+from medfed.config import RunConfig, from_dict, to_dict
+from medfed.errors import CheckpointError, ConfigError
+
+FORMAT = "medfed-checkpoint/1"
+
+
+@dataclass
+class Checkpoint:
+    """Everything needed to resume training or to sample.
+
+    Attributes:
+        model: the network's ``state_dict`` (plain module keys, never Opacus ``_module.`` ones).
+        config: the run's configuration.
+        image_shape: (C, H, W) of the training images.
+        step: optimizer steps done (centralized) or rounds done (federated).
+        ema: EMA weights, when kept.
+        optimizer: optimizer state, when resumable.
+        extra: run-specific state (e.g. RNG state, privacy summary), JSON-like values and tensors only.
+    """
+
+    model: dict[str, torch.Tensor]
+    config: RunConfig
+    image_shape: tuple[int, int, int]
+    step: int
+    ema: dict[str, torch.Tensor] | None = None
+    optimizer: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def sampling_weights(self) -> dict[str, torch.Tensor]:
+        """The weights to sample with: EMA when kept, else the raw model."""
+        return self.ema if self.ema is not None else self.model
+
+
+def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
+    """Write ``ckpt`` atomically (temporary file, then rename), so a crash never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "medfed_version": __version__,
+        "model": ckpt.model,
+        "config": to_dict(ckpt.config),
+        "image_shape": list(ckpt.image_shape),
+        "step": ckpt.step,
+        "ema": ckpt.ema,
+        "optimizer": ckpt.optimizer,
+        "extra": ckpt.extra,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Raises:
+        CheckpointError: missing, truncated or foreign files, naming the path and the problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt files
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a medfed checkpoint (missing format marker '{FORMAT}')")
+    try:
+        config = from_dict(payload["config"])
+        return Checkpoint(
+            model=payload["model"],
+            config=config,
+            image_shape=tuple(payload["image_shape"]),
+            step=int(payload["step"]),
+            ema=payload.get("ema"),
+            optimizer=payload.get("optimizer"),
+            extra=payload.get("extra") or {},
+        )
+    except (KeyError, TypeError, ValueError, ConfigError) as err:
+        raise CheckpointError(f"{path}: checkpoint content is incomplete or incompatible ({err})") from err

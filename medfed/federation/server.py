@@ -1,0 +1,164 @@
+"""The coordinator's side of a federated run: FedAvg rounds on Flower's legacy workflow, and their records.
+
+After every round the server writes a checkpoint, one line of ``metrics.jsonl`` (per-site loss, who took part
+and who was missing, payload bytes, wall time) and, every ``federation.sample-every`` rounds, a sample grid.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from flwr.app import Context
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.workflow import DefaultWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
+from flwr.serverapp import Grid
+
+from medfed.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from medfed.config import RunConfig, from_flat
+from medfed.devices import resolve_device
+from medfed.diffusion import sample_images
+from medfed.federation.site import federated_data_config
+from medfed.federation.strategy import DeltaFedAvg
+from medfed.federation.weights import get_weights, set_weights
+from medfed.federation.workflow import MeteredGrid, plain_fit_round
+from medfed.images import save_grid
+from medfed.models import build_unet, count_parameters
+from medfed.plots import line_plot
+from medfed.runs import RunDir, open_run
+
+
+def image_shape_of(cfg: RunConfig) -> tuple[int, int, int]:
+    data = federated_data_config(cfg)
+    return data.channels, data.image_size, data.image_size
+
+
+@dataclass
+class FederatedRound:
+    """The fit workflow of one round: run it, then record it. Called by Flower's ``DefaultWorkflow``."""
+
+    cfg: RunConfig
+    run: RunDir
+    strategy: DeltaFedAvg
+    model: torch.nn.Module
+    image_shape: tuple[int, int, int]
+    device: torch.device
+    site_names: dict[int, str] = field(default_factory=dict)
+
+    def __call__(self, grid: Grid, context: LegacyContext) -> None:
+        local_round = cast(int, context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        server_round = self.strategy.round_offset + local_round
+        metered = MeteredGrid(grid)
+        start = time.perf_counter()
+        plain_fit_round(metered, context, timeout=self.cfg.federation.round_timeout)
+        self.record(server_round, metered, time.perf_counter() - start)
+
+    def record(self, server_round: int, grid: MeteredGrid, wall_s: float) -> dict[str, Any]:
+        outcome = self.strategy.outcome
+        for node, metrics in outcome.accepted.items():
+            self.site_names[node] = str(metrics.get("site", node))
+        name = lambda node: self.site_names.get(node, f"node-{node}")  # noqa: E731
+        participating = sorted(name(n) for n in outcome.accepted)
+        record: dict[str, Any] = {
+            "round": server_round,
+            "aggregated": outcome.aggregated,
+            "sites_sampled": len(outcome.sampled),
+            "sites_participating": participating,
+            "sites_missing": sorted(name(n) for n in outcome.sampled if n not in outcome.accepted),
+            "rejected": {name(n): why for n, why in outcome.rejected.items()},
+            "failures": outcome.failures,
+            "train_loss": {name(n): m["train-loss"] for n, m in outcome.accepted.items() if "train-loss" in m},
+            "num_examples": {name(n): m["num-examples"] for n, m in outcome.accepted.items()},
+            "bytes_down": grid.bytes_down,
+            "bytes_up": grid.bytes_up,
+            "wall_s": wall_s,
+        }
+        self.run.append_metrics(record)
+        set_weights(self.model, self.strategy.current)
+        ckpt = Checkpoint(model=self.model.state_dict(), config=self.cfg, image_shape=self.image_shape,
+                          step=server_round, extra={"kind": "federated"})
+        save_checkpoint(ckpt, self.run.checkpoints / f"round_{server_round:04d}.pt")
+        save_checkpoint(ckpt, self.run.latest_checkpoint)
+        every = self.cfg.federation.sample_every
+        if (every and server_round % every == 0) or server_round == self.cfg.federation.rounds:
+            write_sample_grid(self.model, self.cfg, self.image_shape, self.device,
+                              self.run.samples / f"round_{server_round:04d}.png")
+        plot_rounds(self.run)
+        return record
+
+
+def write_sample_grid(model: torch.nn.Module, cfg: RunConfig, image_shape: tuple[int, int, int],
+                      device: torch.device, path: Path) -> Path:
+    model.to(device)
+    images = sample_images(model, cfg.diffusion, cfg.train.num_samples, image_shape, device=device,
+                           seed=cfg.train.seed)
+    model.cpu()
+    return save_grid(images, path)
+
+
+def plot_rounds(run: RunDir) -> Path:
+    """``rounds.png``: each site's training loss, and round wall time, against the round number."""
+    records = [r for r in run.read_metrics() if "round" in r]
+    losses: dict[str, tuple[list[float], list[float]]] = {}
+    for r in records:
+        for site, loss in r["train_loss"].items():
+            xs, ys = losses.setdefault(site, ([], []))
+            xs.append(r["round"])
+            ys.append(loss)
+    rounds = [r["round"] for r in records]
+    return line_plot([("training loss per site", "denoising loss", losses),
+                      ("round wall time", "seconds", {"round": (rounds, [r["wall_s"] for r in records])})],
+                     run.root / "rounds.png", xlabel="round")
+
+
+def run_server(grid: Grid, context: Context) -> RunDir:
+    """Run all rounds of a federated run (or the remaining ones, when resuming) and write the summary."""
+    cfg = from_flat(context.run_config)
+    image_shape = image_shape_of(cfg)
+    run = open_run(cfg)
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    model = build_unet(cfg.model.preset, image_shape[0])
+    done = 0
+    if cfg.output.resume:
+        ckpt = load_checkpoint(run.latest_checkpoint)
+        model.load_state_dict(ckpt.model)
+        done = ckpt.step
+    fed = cfg.federation
+    min_sites = fed.min_sites or fed.num_sites
+    strategy = DeltaFedAvg(get_weights(model), num_sites=fed.num_sites, min_sites=min_sites,
+                           fraction_fit=fed.fraction_fit, round_offset=done, wait_timeout=fed.round_timeout)
+    if done == 0:
+        run.append_metrics({"event": "start", "parameters": count_parameters(model), "image_shape": image_shape,
+                            "sites": fed.num_sites, "rounds": fed.rounds})
+    fit_round = FederatedRound(cfg=cfg, run=run, strategy=strategy, model=model, image_shape=image_shape,
+                               device=device)
+    if fed.rounds > done:
+        legacy = LegacyContext(context=context, strategy=strategy,
+                               config=ServerConfig(num_rounds=fed.rounds - done, round_timeout=fed.round_timeout))
+        DefaultWorkflow(fit_workflow=fit_round)(grid, legacy)
+    write_summary(run, cfg)
+    return run
+
+
+def write_summary(run: RunDir, cfg: RunConfig) -> dict[str, Any]:
+    """``summary.json``: rounds completed, rounds skipped, final per-site loss, outputs."""
+    records = [r for r in run.read_metrics() if "round" in r]
+    last = records[-1] if records else {}
+    summary = {
+        "rounds_completed": sum(1 for r in records if r["aggregated"]),
+        "rounds_skipped": [r["round"] for r in records if not r["aggregated"]],
+        "last_round": last.get("round", 0),
+        "final_train_loss": last.get("train_loss", {}),
+        "mean_round_wall_s": float(np.mean([r["wall_s"] for r in records])) if records else 0.0,
+        "checkpoint": str(run.latest_checkpoint),
+        "samples": sorted(str(p) for p in run.samples.glob("*.png"))[-1:],
+        "sites": cfg.federation.num_sites,
+    }
+    run.write_json(run.summary_path, summary)
+    return summary

@@ -1,0 +1,112 @@
+"""FedAvg over model deltas (Flower legacy strategy, as SecAgg+ requires), with update validation.
+
+Sites send ``delta = local - global``. The aggregate is the example-weighted mean of the accepted deltas, added to
+the current global model. With secure aggregation every result carries the same, already-aggregated delta, so
+the same code applies; validation then sees only the aggregate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from logging import WARNING
+
+import numpy as np
+from flwr.common import FitIns, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.logger import log
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg
+
+Scalar = bool | int | float | str
+
+
+@dataclass
+class RoundOutcome:
+    """What happened to the updates of one round, for the round's metrics line."""
+
+    sampled: list[int] = field(default_factory=list)
+    accepted: dict[int, dict[str, Scalar]] = field(default_factory=dict)
+    """node id -> the site's reported metrics plus ``num-examples``."""
+    rejected: dict[int, str] = field(default_factory=dict)
+    """node id -> why the server refused the update."""
+    failures: list[str] = field(default_factory=list)
+    """Reasons of error replies (refusals, crashes) as the workflow saw them."""
+    aggregated: bool = False
+
+
+def validate_delta(delta: list[np.ndarray], reference: list[np.ndarray]) -> str | None:
+    """Return why ``delta`` cannot be averaged into a model shaped like ``reference``, or None if it can."""
+    if len(delta) != len(reference):
+        return f"{len(delta)} arrays, expected {len(reference)}"
+    for i, (d, r) in enumerate(zip(delta, reference)):
+        if d.shape != r.shape:
+            return f"array {i} has shape {d.shape}, expected {r.shape}"
+        if not np.all(np.isfinite(d)):
+            return f"array {i} contains NaN or Inf"
+    return None
+
+
+class DeltaFedAvg(FedAvg):
+    """Example-weighted FedAvg of site deltas, keeping the global model as float32 arrays.
+
+    Args:
+        initial_weights: the global model before the first round of this run.
+        num_sites: sites expected; round 1 waits for all of them, so none is left out while connecting.
+        min_sites: minimum sites per round from round 2 on (dropouts beyond that stall the round).
+        fraction_fit: fraction of available sites sampled each round.
+        round_offset: rounds already done (when resuming), so sites see the run's true round number.
+        wait_timeout: seconds to wait for enough sites before sampling anyway.
+    """
+
+    def __init__(self, initial_weights: list[np.ndarray], *, num_sites: int, min_sites: int,
+                 fraction_fit: float, round_offset: int = 0, wait_timeout: float = 3600.0) -> None:
+        super().__init__(fraction_fit=fraction_fit, fraction_evaluate=0.0, min_fit_clients=min_sites,
+                         min_evaluate_clients=min_sites, min_available_clients=min_sites,
+                         initial_parameters=ndarrays_to_parameters(initial_weights), accept_failures=True)
+        self.current = [np.asarray(w, dtype=np.float32) for w in initial_weights]
+        self.num_sites, self.min_sites = num_sites, min_sites
+        self.round_offset, self.wait_timeout = round_offset, wait_timeout
+        self.outcome = RoundOutcome()
+
+    def __repr__(self) -> str:
+        return f"DeltaFedAvg(num_sites={self.num_sites}, min_sites={self.min_sites})"
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        self.outcome = RoundOutcome()
+        client_manager.wait_for(self.num_sites if server_round == 1 else self.min_sites, timeout=self.wait_timeout)
+        available = client_manager.num_available()
+        wanted = max(math.ceil(available * self.fraction_fit), self.min_sites)
+        clients = client_manager.sample(num_clients=min(wanted, available), min_num_clients=self.min_sites)
+        self.outcome.sampled = [c.node_id for c in clients]
+        config: dict[str, Scalar] = {"round": self.round_offset + server_round}
+        return [(client, FitIns(parameters, dict(config))) for client in clients]
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[tuple[ClientProxy, FitRes] | BaseException]) -> tuple[Parameters | None,
+                                                                                          dict[str, Scalar]]:
+        accepted = []
+        for proxy, res in results:
+            reason = validate_delta(parameters_to_ndarrays(res.parameters), self.current)
+            if reason is None:
+                accepted.append((proxy, res))
+                self.outcome.accepted[proxy.node_id] = {**res.metrics, "num-examples": res.num_examples}
+            else:
+                log(WARNING, "rejected update from node %s (%s): %s", proxy.node_id,
+                    res.metrics.get("site", "?"), reason)
+                self.outcome.rejected[proxy.node_id] = reason
+        for failure in failures:
+            if isinstance(failure, BaseException):
+                self.outcome.failures.append(str(failure))
+            else:
+                self.outcome.failures.append(f"node {failure[0].node_id}: {failure[1].status.message}")
+        if not accepted:
+            return None, {}
+        aggregated, _ = super().aggregate_fit(server_round, accepted, [])
+        if aggregated is None:
+            return None, {}
+        delta = parameters_to_ndarrays(aggregated)
+        self.current = [(w + d).astype(np.float32) for w, d in zip(self.current, delta)]  # SecAgg returns float64
+        self.outcome.aggregated = True
+        return ndarrays_to_parameters(self.current), {}

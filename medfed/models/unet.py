@@ -1,0 +1,65 @@
+"""UNet presets built on MONAI's ``DiffusionModelUNet`` (residual blocks, GroupNorm, self-attention).
+
+Every preset has three resolution levels, so any even image side divisible by 4 works (28 and 32 included), uses
+GroupNorm (no BatchNorm, no buffers) and passes Opacus' ``ModuleValidator``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from monai.networks.nets import DiffusionModelUNet
+from torch import nn
+
+from medfed.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class UNetPreset:
+    """Architecture of one preset; ``parameters_1ch`` is the parameter count for 1-channel images."""
+
+    channels: tuple[int, int, int]
+    attention_levels: tuple[bool, bool, bool]
+    num_res_blocks: int
+    num_head_channels: int
+    norm_num_groups: int
+    parameters_1ch: int
+    purpose: str
+
+
+PRESETS: dict[str, UNetPreset] = {
+    "micro": UNetPreset((16, 32, 32), (False, False, True), 1, 32, 16, 280_177,
+                        "edge devices and fast CPU runs"),
+    "tiny": UNetPreset((32, 64, 64), (False, False, True), 1, 32, 32, 1_112_801,
+                       "edge sites and CPU tests"),
+    "small": UNetPreset((64, 128, 128), (False, False, True), 2, 32, 32, 6_469_889,
+                        "GPU sites, better quality"),
+    "paper": UNetPreset((128, 192, 256), (False, True, True), 2, 64, 32, 22_527_425,
+                        "the size used by Tun et al. (about 23M parameters)"),
+}
+
+
+def build_unet(preset: str, channels: int) -> DiffusionModelUNet:
+    """Build the epsilon-predicting UNet of a preset for images with ``channels`` channels.
+
+    The network maps ``x_t`` of shape (B, C, H, W) and integer timesteps of shape (B,) to predicted noise of
+    shape (B, C, H, W).
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"config key 'model.preset': unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
+    p = PRESETS[preset]
+    return DiffusionModelUNet(
+        spatial_dims=2,
+        in_channels=channels,
+        out_channels=channels,
+        channels=p.channels,
+        attention_levels=p.attention_levels,
+        num_res_blocks=p.num_res_blocks,
+        num_head_channels=p.num_head_channels,
+        norm_num_groups=p.norm_num_groups,
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
