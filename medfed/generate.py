@@ -28,10 +28,15 @@ def generate_from_checkpoint(
     sampler: str | None = None,
     steps: int | None = None,
     seed: int = 0,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     device: str = "auto",
+    precision: str = "float32",
+    compile: bool = False,
 ) -> Path:
     """Write ``num`` generated images as ``00000.png``... and ``grid.png`` (up to 256 images) to ``out``.
+
+    ``batch_size`` None picks ``default_batch_size`` for the device (256 on the CPU, up to 1024 on a GPU);
+    ``precision`` and ``compile`` are the speed switches of ``medfed.diffusion.sampling.noise_predictor``.
 
     Returns:
         The output folder (default: ``<run>/samples/<checkpoint stem>/`` beside the checkpoint's run).
@@ -40,7 +45,8 @@ def generate_from_checkpoint(
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, dev)
     images = sample_images(model, ckpt.config.diffusion, num, ckpt.image_shape, device=dev, seed=seed,
-                           batch_size=batch_size, sampler=sampler, steps=steps, show_progress=True)
+                           batch_size=batch_size, sampler=sampler, steps=steps, show_progress=True,
+                           precision=precision, compile=compile)
     folder = Path(out) if out else checkpoint.parent.parent / "samples" / checkpoint.stem
     folder.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):

@@ -34,3 +34,14 @@ def breastmnist(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def pneumoniamnist(shared_data: Path) -> Path:
     return shared_data / "medmnist" / "pneumoniamnist.npz"
+
+
+def small_run_config(out_dir: Path, name: str, **flat):
+    """A RunConfig for fast federated tests: micro UNet, small batches, few sampling steps, CPU."""
+    from medfed.config import from_flat
+
+    base = {"model.preset": "micro", "train.batch-size": 32, "train.num-samples": 4, "diffusion.sample-steps": 4,
+            "train.device": "cpu", "federation.round-timeout": 600.0, "output.dir": str(out_dir),
+            "output.name": name}
+    base.update(flat)
+    return from_flat(base)

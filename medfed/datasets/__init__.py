@@ -1,4 +1,5 @@
-"""Image datasets for medfed: the paper's benchmarks, MedMNIST archives, image folders and an embedded default.
+"""Image datasets for medfed: the paper's benchmarks, MedMNIST archives, an embedded default, and a hospital
+site's own folders of PNG/JPEG, DICOM or NIfTI files (:mod:`medfed.datasets.medical`).
 
 Every loader returns an :class:`ImageDataset` of (C, H, W) float images in [-1, 1] with integer labels.
 """
@@ -8,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 
 from medfed.config import DataConfig
-from medfed.datasets import sources
+from medfed.datasets import medical, sources
 from medfed.datasets.core import NO_LABEL, ImageDataset, convert_channels, from_uint8, resize
 from medfed.errors import ConfigError
 
-DATASETS = ("embedded-mnist", "mnist", "fashion-mnist", "cifar10", "svhn", "npz", "idx", "folder")
+DATASETS = ("embedded-mnist", "mnist", "fashion-mnist", "cifar10", "svhn", "npz", "idx", "folder", "dicom", "nifti")
 
 
 def load_dataset(cfg: DataConfig, seed: int = 0) -> ImageDataset:
@@ -33,8 +34,8 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> ImageDataset:
         ds = sources.load_npz(cfg.path, cfg.split)
     elif name == "idx":
         ds = sources.load_idx(cfg.path, cfg.split)
-    elif name == "folder":
-        ds = sources.load_folder(cfg.path, cfg.image_size, cfg.channels)
+    elif name in medical.FORMATS:  # folder (PNG/JPEG), dicom, nifti: a hospital site's own files
+        ds = medical.load_site_folder(cfg, name)
     else:
         raise ConfigError(f"config key 'data.dataset': unknown dataset '{name}' (choose from {', '.join(DATASETS)})")
     images = resize(convert_channels(ds.images, cfg.channels), cfg.image_size)

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from medfed.datasets.core import NO_LABEL, ImageDataset, from_uint8, resize
+from medfed.datasets.core import ImageDataset, from_uint8
 from medfed.errors import DatasetError
 
 SPLITS = ("train", "val", "test")
 
 
-def _existing(path: str, what: str) -> Path:
+def existing_path(path: str, what: str) -> Path:
+    """``path`` as a Path; raises DatasetError naming it when empty or missing."""
     if not path:
         raise DatasetError(f"data.path is empty: the {what} needs a path")
     p = Path(path).expanduser()
@@ -40,8 +41,9 @@ def load_embedded_mnist(split: str) -> ImageDataset:
 
 def load_npz(path: str, split: str) -> ImageDataset:
     """A NumPy archive in MedMNIST layout (``train_images``, ``train_labels``, ``val_*``, ``test_*``) or with
-    plain ``images`` (and optional ``labels``) arrays. Images are uint8, (N, H, W) or (N, H, W, C)."""
-    p = _existing(path, ".npz file")
+    plain ``images`` (and optional ``labels``) arrays. Images are uint8, (N, H, W) or (N, H, W, C): every 2D
+    MedMNIST subset at any size (28, 64, 128, 224). Multi-label archives (ChestMNIST) get label -1."""
+    p = existing_path(path, ".npz file")
     try:
         archive = np.load(p, allow_pickle=False)
         keys = set(archive.files)
@@ -59,7 +61,12 @@ def load_npz(path: str, split: str) -> ImageDataset:
     pixels = archive[image_key]
     if pixels.dtype != np.uint8:
         raise DatasetError(f"{p}: array '{image_key}' has dtype {pixels.dtype}, expected uint8 pixels")
+    if pixels.ndim == 4 and pixels.shape[-1] not in (1, 3):
+        raise DatasetError(f"{p}: '{image_key}' has shape {pixels.shape}: volumes (e.g. a MedMNIST 3D subset), "
+                           "not 2D images with 1 or 3 channels")
     labels = archive[label_key] if label_key in keys else None
+    if labels is not None and labels.ndim == 2 and labels.shape[1] > 1:
+        labels = None  # multi-label (ChestMNIST's 14 findings): no single class per image
     if labels is not None and len(labels) != len(pixels):
         raise DatasetError(f"{p}: '{label_key}' has {len(labels)} entries but '{image_key}' has {len(pixels)}")
     return from_uint8(pixels, labels, f"{p.name}:{image_key}", channels_last=True)
@@ -85,7 +92,7 @@ def read_idx(path: Path) -> np.ndarray:
 
 def load_idx(path: str, split: str) -> ImageDataset:
     """MNIST-format idx files in a folder: ``{train,t10k}-images-idx3-ubyte[.gz]`` and the matching labels."""
-    folder = _existing(path, "idx folder")
+    folder = existing_path(path, "idx folder")
     prefix = "train" if split == "train" else "t10k"
     found = {}
     for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
@@ -124,34 +131,3 @@ def load_torchvision(name: str, path: str, split: str, download: bool) -> ImageD
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
         raise DatasetError(f"{root}: {name} not found there ({err})") from err
     return from_uint8(np.asarray(pixels), np.asarray(labels), f"{name} ({split})", channels_last=layout_last)
-
-
-def load_folder(path: str, image_size: int, channels: int) -> ImageDataset:
-    """A folder of PNG/JPEG images (searched recursively); subfolder names become class labels.
-
-    Each image is converted to ``channels`` and resized to ``image_size`` as it is read, so a folder of mixed
-    sizes loads when ``image_size`` is set.
-    """
-    import torch
-    from torchvision.io import ImageReadMode, decode_image
-
-    folder = _existing(path, "image folder")
-    files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in {".png", ".jpg", ".jpeg"})
-    if not files:
-        raise DatasetError(f"{folder}: no .png/.jpg/.jpeg images found")
-    classes = sorted({f.parent.relative_to(folder).as_posix() for f in files} - {"."})
-    class_index = {c: i for i, c in enumerate(classes)}
-    mode = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}.get(channels, ImageReadMode.UNCHANGED)
-    images, labels = [], []
-    for f in files:
-        try:
-            pixels = decode_image(str(f), mode=mode)
-        except (RuntimeError, OSError, ValueError) as err:
-            raise DatasetError(f"{f}: cannot decode image ({err})") from err
-        images.append(resize(pixels.float().div(127.5).sub(1.0).unsqueeze(0), image_size)[0])
-        labels.append(class_index.get(f.parent.relative_to(folder).as_posix(), NO_LABEL))
-    shapes = {tuple(im.shape) for im in images}
-    if len(shapes) > 1:
-        raise DatasetError(f"{folder}: images have different shapes {sorted(shapes)[:4]}; set data.image-size "
-                           "and data.channels to convert them")
-    return ImageDataset(torch.stack(images), torch.tensor(labels, dtype=torch.long), folder.name)

@@ -17,6 +17,8 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,8 +85,8 @@ class ProcessSession:
         return self.log_dir / f"{name}.log"
 
     def wait_healthy(self, name: str, proc: subprocess.Popen, port: int, timeout: float = 60.0,
-                     tls_context: object | None = None) -> None:
-        """Poll ``GET /health`` on ``port`` until it answers; fail early if the process dies."""
+                     tls_context: object | None = None, host: str = "127.0.0.1") -> None:
+        """Poll ``GET /health`` on ``host:port`` until it answers; fail early if the process dies."""
         scheme = "https" if tls_context is not None else "http"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -92,7 +94,7 @@ class ProcessSession:
                 raise MedfedError(f"{name} exited with status {proc.returncode}; log "
                                   f"{self.log_path(name)}:\n{log_tail(self.log_path(name))}")
             try:
-                with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health", timeout=2,
+                with urllib.request.urlopen(f"{scheme}://{host_for_url(host)}:{port}/health", timeout=2,
                                             context=tls_context) as response:  # type: ignore[arg-type]
                     if response.status == 200:
                         return
@@ -119,12 +121,19 @@ class ProcessSession:
             raise MedfedError(f"flwr {args[0]} returned no JSON: {result.stdout[-500:]}") from err
 
     def close(self, grace: float = 15.0) -> None:
-        """Stop every process of the session: SIGTERM, then SIGKILL after ``grace`` seconds."""
+        """Stop every process of the session: SIGTERM, then SIGKILL after ``grace`` seconds.
+
+        Each process gets SIGTERM once: Flower restores the default handler on the first signal, so a second
+        SIGTERM kills a SuperNode before it deactivates at the SuperLink (which then counts it online for a minute
+        and refuses its restart)."""
+        groups = set()
         for _, proc in self.processes:
             if proc.poll() is None:
                 _signal_group(proc.pid, signal.SIGTERM)
+                groups.add(proc.pid)
         for pid in self._marked_pids():
-            _signal(pid, signal.SIGTERM)
+            if _process_group(pid) not in groups:
+                _signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and (self._marked_pids() or
                                                any(p.poll() is None for _, p in self.processes)):
@@ -140,20 +149,12 @@ class ProcessSession:
                 pass
 
     def _marked_pids(self) -> list[int]:
-        """Live PIDs (other than this one) whose environment carries the session marker (Linux /proc)."""
-        needle = f"{MARKER}={self.marker}".encode()
-        found = []
-        for entry in Path("/proc").glob("[0-9]*"):
-            pid = int(entry.name)
-            if pid == os.getpid():
-                continue
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    if (entry / "stat").read_text().rsplit(") ", 1)[-1][:1] != "Z":
-                        found.append(pid)
-            except OSError:
-                continue
-        return found
+        """Processes carrying the marker, and every process in their sessions: some of Ray's helpers clear
+        their environment but stay in the session of the Ray process that started them."""
+        marked = pids_with_env(MARKER, self.marker)
+        own = os.getsid(0)
+        sessions = {s for s in map(_session_of, marked) if s is not None and s != own}
+        return sorted(set(marked) | set(pids_in_sessions(sessions)))
 
     def __enter__(self) -> ProcessSession:
         return self
@@ -162,11 +163,90 @@ class ProcessSession:
         self.close()
 
 
+@contextmanager
+def exit_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into ``SystemExit`` so ``with`` blocks (process cleanup) run; restore the handler after."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def host_for_url(host: str) -> str:
+    """``host`` as it goes in a URL (IPv6 addresses in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def pids_with_env(key: str, value: str) -> list[int]:
+    """Live PIDs (other than this one) whose environment has ``key=value`` (Linux ``/proc``; else empty)."""
+    needle = f"{key}={value}".encode()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        pid = int(entry.name)
+        if pid == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                if (entry / "stat").read_text().rsplit(") ", 1)[-1][:1] != "Z":
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def _session_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[-1].split()[3])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def pids_in_sessions(sessions: set[int]) -> list[int]:
+    """Live PIDs (other than this one) whose session id is in ``sessions``."""
+    if not sessions:
+        return []
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        pid = int(entry.name)
+        if pid != os.getpid() and _session_of(pid) in sessions:
+            try:
+                if (entry / "stat").read_text().rsplit(") ", 1)[-1][:1] != "Z":
+                    found.append(pid)
+            except OSError:
+                continue
+    return found
+
+
+def memory_bytes(pids: list[int]) -> int:
+    """Summed proportional set size (PSS) of ``pids``: shared pages are split between the processes sharing
+    them, so the sum is the memory the group really uses (falls back to RSS where PSS is unavailable)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    for pid in pids:
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            total += next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:")) * 1024
+        except (OSError, StopIteration, ValueError):
+            try:
+                total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+            except (OSError, IndexError, ValueError):
+                continue
+    return total
+
+
 def _signal(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _process_group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -35,6 +35,15 @@ class RoundOutcome:
     aggregated: bool = False
 
 
+def short_reason(text: str, limit: int = 300) -> str:
+    """The informative last line of an error report (Ray and Flower wrap exceptions in long tracebacks)."""
+    lines = [line.strip(" '>\"") for line in text.splitlines() if line.strip(" '>\"")]
+    reason = lines[-1] if lines else text
+    prefix = text.split(":", 1)[0] if text.startswith("node ") else ""
+    reason = f"{prefix}: {reason}" if prefix and not reason.startswith(prefix) else reason
+    return reason[:limit]
+
+
 def validate_delta(delta: list[np.ndarray], reference: list[np.ndarray]) -> str | None:
     """Return why ``delta`` cannot be averaged into a model shaped like ``reference``, or None if it can."""
     if len(delta) != len(reference):
@@ -72,13 +81,17 @@ class DeltaFedAvg(FedAvg):
     def __repr__(self) -> str:
         return f"DeltaFedAvg(num_sites={self.num_sites}, min_sites={self.min_sites})"
 
+    def sample_size(self, available: int) -> int:
+        """Sites sampled for a round when ``available`` are connected."""
+        return min(max(math.ceil(available * self.fraction_fit), self.min_sites), available)
+
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         self.outcome = RoundOutcome()
-        client_manager.wait_for(self.num_sites if server_round == 1 else self.min_sites, timeout=self.wait_timeout)
-        available = client_manager.num_available()
-        wanted = max(math.ceil(available * self.fraction_fit), self.min_sites)
-        clients = client_manager.sample(num_clients=min(wanted, available), min_num_clients=self.min_sites)
+        client_manager.wait_for(self.num_sites if server_round == 1 else self.min_sites,
+                                timeout=int(self.wait_timeout))
+        clients = client_manager.sample(num_clients=self.sample_size(client_manager.num_available()),
+                                        min_num_clients=self.min_sites)
         self.outcome.sampled = [c.node_id for c in clients]
         config: dict[str, Scalar] = {"round": self.round_offset + server_round}
         return [(client, FitIns(parameters, dict(config))) for client in clients]
@@ -98,9 +111,9 @@ class DeltaFedAvg(FedAvg):
                 self.outcome.rejected[proxy.node_id] = reason
         for failure in failures:
             if isinstance(failure, BaseException):
-                self.outcome.failures.append(str(failure))
+                self.outcome.failures.append(short_reason(str(failure)))
             else:
-                self.outcome.failures.append(f"node {failure[0].node_id}: {failure[1].status.message}")
+                self.outcome.failures.append(f"node {failure[0].node_id}: {short_reason(failure[1].status.message)}")
         if not accepted:
             return None, {}
         aggregated, _ = super().aggregate_fit(server_round, accepted, [])

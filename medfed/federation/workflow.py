@@ -39,13 +39,11 @@ def payload_nbytes(msg: Message) -> int:
     return total
 
 
-class MeteredGrid(Grid):
-    """A Grid that counts the payload bytes it sends to and receives from sites."""
+class DelegatingGrid(Grid):
+    """A Grid that forwards everything to ``inner``; subclasses override what they change."""
 
     def __init__(self, inner: Grid) -> None:
         self.inner = inner
-        self.bytes_down = 0
-        self.bytes_up = 0
 
     def set_run(self, run: Run) -> None:
         self.inner.set_run(run)
@@ -60,6 +58,24 @@ class MeteredGrid(Grid):
 
     def get_node_ids(self) -> Iterable[int]:
         return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.inner.send_and_receive(messages, timeout=timeout)
+
+
+class MeteredGrid(DelegatingGrid):
+    """Counts the payload bytes sent to and received from sites (as they travel, after any re-encoding)."""
+
+    def __init__(self, inner: Grid) -> None:
+        super().__init__(inner)
+        self.bytes_down = 0
+        self.bytes_up = 0
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)

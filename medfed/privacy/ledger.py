@@ -109,23 +109,16 @@ class Ledger:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    @contextmanager
+    def transaction(self) -> Iterator[LedgerTransaction]:
+        """Hold the ledger's lock: read the verified entries, decide, and append, with no writer in between."""
+        with self._locked():
+            yield LedgerTransaction(self, self.entries())
+
     def append(self, kind: str, data: dict[str, Any]) -> LedgerEntry:
         """Verify the chain, then append one entry and flush it to disk."""
-        if kind not in KINDS:
-            raise ValueError(f"unknown ledger entry kind '{kind}' (one of {', '.join(KINDS)})")
-        json.dumps(data)  # fail before touching the file if data is not JSON
-        with self._locked():
-            existing = self.entries()
-            prev = existing[-1].hash if existing else GENESIS
-            index = len(existing)
-            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            entry = LedgerEntry(index=index, kind=kind, time=when, data=data, prev_hash=prev,
-                                hash=entry_hash(index, kind, when, data, prev))
-            with open(self.path, "a") as f:
-                f.write(entry.to_json() + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-        return entry
+        with self.transaction() as tx:
+            return tx.add(kind, data)
 
     def of_kind(self, kind: str) -> list[LedgerEntry]:
         return [e for e in self.entries() if e.kind == kind]
@@ -137,6 +130,30 @@ class Ledger:
             if e.data.get("action") == action:
                 latest = e if e.data.get("granted", True) else None
         return latest
+
+
+class LedgerTransaction:
+    """The verified entries of a locked ledger, and :meth:`add` to append to it (see :meth:`Ledger.transaction`)."""
+
+    def __init__(self, ledger: Ledger, entries: list[LedgerEntry]) -> None:
+        self.ledger = ledger
+        self.entries = entries
+
+    def add(self, kind: str, data: dict[str, Any]) -> LedgerEntry:
+        if kind not in KINDS:
+            raise ValueError(f"unknown ledger entry kind '{kind}' (one of {', '.join(KINDS)})")
+        json.dumps(data)  # fail before touching the file if data is not JSON
+        prev = self.entries[-1].hash if self.entries else GENESIS
+        index = len(self.entries)
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        entry = LedgerEntry(index=index, kind=kind, time=when, data=data, prev_hash=prev,
+                            hash=entry_hash(index, kind, when, data, prev))
+        with open(self.ledger.path, "a") as f:
+            f.write(entry.to_json() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.entries.append(entry)
+        return entry
 
 
 LEDGER_FILE = "privacy-ledger.jsonl"

@@ -1,0 +1,258 @@
+"""Secure aggregation (Flower SecAgg+) with a cryptographically sound mask generator.
+
+The server only ever sees each site's update masked; it learns the (weighted) sum. Flower's SecAgg+ provides the
+protocol (pairwise masks, Shamir-shared keys, dropout recovery) on its legacy workflow. Three things are medfed's:
+
+* **Mask generator.** Flower's ``pseudo_rand_gen`` XOR-folds the 256-bit seed to 32 bits and feeds NumPy's
+  Mersenne Twister (flwrlabs/flower#7522), so a curious server could brute-force the masks. :func:`csprng_masks`
+  replaces it on both sides: ChaCha20 keyed with SHA-256 of the *whole* seed, one nonce per array. The
+  replacement is installed when this module is imported (by the ClientApp and the ServerApp), and both sides
+  check it before every use (:func:`require_csprng`), so a fallback to the weak generator fails loudly.
+* **Compact upload.** With ``modulus_range = 2**32`` every masked value fits 32 bits, but Flower ships them as
+  int64. The site-side mod re-encodes them as uint32 and the server's grid wrapper widens them back before
+  Flower's workflow reads them: the upload is 4 bytes per parameter, like plain float32.
+* **Sizing.** Sites send model deltas. Values outside ``±clipping_range`` are clipped by SecAgg+, so each site
+  reports how many values it had to clip. ``max_weight`` is the largest site's example count, asked for
+  before the first round. :func:`aggregate_error_bound` is the documented error of the aggregate.
+
+Threat model (SecAgg+'s): an honest-but-curious server; there is no check that the server reports dropouts
+truthfully.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from logging import WARNING
+from typing import cast
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+from flwr.common.logger import log
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.server import LegacyContext
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.serverapp import Grid
+
+from medfed.config import RunConfig
+from medfed.errors import MedfedError
+from medfed.federation.workflow import DelegatingGrid
+
+MODULUS_RANGE = 2**32
+FLOWER_MODULES = ("flwr.client.mod.secure_aggregation.secaggplus_mod",
+                  "flwr.server.workflow.secure_aggregation.secaggplus_workflow")
+
+
+class WeakMaskGeneratorError(MedfedError):
+    """Flower's weak SecAgg+ mask generator would be used; medfed refuses to aggregate with it."""
+
+
+def csprng_masks(seed: bytes, num_range: int, dimensions_list: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """Uniform masks in ``[0, num_range)`` for each shape, from ChaCha20 keyed by SHA-256(seed).
+
+    Args:
+        seed: the full shared secret or private mask seed (every byte matters).
+        num_range: a power of two, at most 2**32.
+        dimensions_list: the array shapes to fill.
+
+    Returns:
+        int64 arrays of the given shapes (the dtype Flower's arithmetic expects).
+    """
+    if num_range & (num_range - 1) or not 2 <= num_range <= 2**32:
+        raise ValueError(f"mask range must be a power of two in [2, 2**32], got {num_range}")
+    key = hashlib.sha256(seed).digest()
+    out = []
+    for index, dims in enumerate(dimensions_list):
+        count = int(np.prod(dims, dtype=np.int64))
+        nonce = bytes(4) + index.to_bytes(12, "little")  # 32-bit block counter, then a per-array nonce
+        stream = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor().update(bytes(4 * count))
+        values = np.frombuffer(stream, dtype="<u4").astype(np.int64) & (num_range - 1)
+        out.append(values.reshape(dims))
+    return out
+
+
+def install_csprng() -> None:
+    """Make Flower's SecAgg+ client mod and server workflow draw masks from :func:`csprng_masks`."""
+    for name in FLOWER_MODULES:
+        # import_module, not `import x.y as m`: the latter binds the *function* re-exported under that name.
+        importlib.import_module(name).pseudo_rand_gen = csprng_masks
+
+
+def require_csprng() -> None:
+    """Raise unless both Flower modules use :func:`csprng_masks`."""
+    for name in FLOWER_MODULES:
+        if importlib.import_module(name).pseudo_rand_gen is not csprng_masks:
+            raise WeakMaskGeneratorError(f"{name}.pseudo_rand_gen is not medfed's CSPRNG mask generator; "
+                                         "refusing to run secure aggregation with Flower's 32-bit-seeded one")
+
+
+install_csprng()
+
+
+# ----------------------------------------------------------------------------------------------- site side
+
+
+def is_secagg_message(msg: Message) -> bool:
+    return msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records
+
+
+def stage_of(msg: Message) -> str:
+    return str(msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
+
+
+def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """The site's SecAgg+ mod: CSPRNG check, then Flower's ``secaggplus_mod``, then a compact upload.
+
+    Plain (non-SecAgg) train messages go straight to the handler.
+    """
+    if not is_secagg_message(msg):
+        return call_next(msg, context)
+    require_csprng()
+    reply = secaggplus_mod(msg, context, call_next)
+    if reply.has_content() and RECORD_KEY_CONFIGS in reply.content.config_records:
+        configs = reply.content.config_records[RECORD_KEY_CONFIGS]
+        if Key.MASKED_PARAMETERS in configs:
+            configs[Key.MASKED_PARAMETERS] = narrow(cast(list[bytes], configs[Key.MASKED_PARAMETERS]))
+    return reply
+
+
+def narrow(arrays: list[bytes]) -> list[bytes]:
+    """Re-encode masked int64 arrays (values < 2**32) as uint32."""
+    out = []
+    for raw in arrays:
+        array = bytes_to_ndarray(raw)
+        if array.size and (array.min() < 0 or array.max() >= MODULUS_RANGE):
+            raise ValueError("masked values exceed 32 bits; modulus_range must be 2**32")
+        out.append(ndarray_to_bytes(array.astype(np.uint32)))
+    return out
+
+
+def widen(arrays: list[bytes]) -> list[bytes]:
+    """Inverse of :func:`narrow`: uint32 back to the int64 arrays Flower's workflow computes with."""
+    return [ndarray_to_bytes(bytes_to_ndarray(raw).astype(np.int64)) for raw in arrays]
+
+
+def clipped_values(delta: list[np.ndarray], weight_ratio: float, clipping_range: float) -> int:
+    """How many values of ``weight_ratio * delta`` SecAgg+ will clip to ``±clipping_range``."""
+    return int(sum(np.count_nonzero(np.abs(d) * weight_ratio > clipping_range) for d in delta))
+
+
+# --------------------------------------------------------------------------------------------- server side
+
+
+class WideningGrid(DelegatingGrid):
+    """Widens the sites' uint32 masked vectors to int64 before Flower's SecAgg+ workflow reads them."""
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [_widen_reply(m) for m in self.inner.pull_messages(message_ids)]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return [_widen_reply(m) for m in self.inner.send_and_receive(messages, timeout=timeout)]
+
+
+def _widen_reply(msg: Message) -> Message:
+    if msg.has_content() and RECORD_KEY_CONFIGS in msg.content.config_records:
+        configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+        if Key.MASKED_PARAMETERS in configs:
+            configs[Key.MASKED_PARAMETERS] = widen(cast(list[bytes], configs[Key.MASKED_PARAMETERS]))
+    return msg
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """The SecAgg+ parameters of one round."""
+
+    num_shares: int | float
+    reconstruction_threshold: int | float
+    neighbourhood: int
+    threshold: int
+    max_weight: float
+    clipping_range: float
+    quantization_range: int
+    timeout: float
+
+    def as_record(self) -> dict[str, float | int]:
+        return {"neighbourhood": self.neighbourhood, "reconstruction_threshold": self.threshold,
+                "max_weight": self.max_weight, "clipping_range": self.clipping_range,
+                "quantization_range": self.quantization_range, "modulus_range": MODULUS_RANGE,
+                "stage_timeout_s": self.timeout, "mask_generator": "ChaCha20 keyed by SHA-256(seed)"}
+
+
+def neighbourhood_size(sampled: int) -> int:
+    """Default SecAgg+ neighbourhood: everyone up to 21 sites, else an odd ~3 log2(n) (at least 21)."""
+    if sampled <= 21:
+        return sampled
+    k = max(21, 3 * math.ceil(math.log2(sampled)))
+    return min(sampled, k | 1)
+
+
+def settings_for(cfg: RunConfig, sampled: int, max_weight: float) -> SecAggSettings:
+    """Resolve ``secagg.*`` for a round with ``sampled`` sites."""
+    s = cfg.secagg
+    k = min(s.num_shares or neighbourhood_size(sampled), sampled)
+    t = s.reconstruction_threshold or k // 2 + 1
+    if not 2 <= t <= k:
+        raise MedfedError(f"config key 'secagg.reconstruction-threshold': {t} must be in [2, {k}] "
+                          f"(neighbourhood of {k} sites)")
+    if k >= 3 and t < k:
+        num_shares: int | float = k
+        threshold: int | float = t
+    else:  # tiny federations: Flower's integer form needs num_shares > 2 and threshold < num_shares
+        num_shares, threshold = k / sampled, t / k
+    return SecAggSettings(num_shares=num_shares, reconstruction_threshold=threshold, neighbourhood=k, threshold=t,
+                          max_weight=max_weight, clipping_range=s.clipping_range,
+                          quantization_range=s.quantization_range,
+                          timeout=s.timeout or cfg.federation.round_timeout)
+
+
+def aggregate_error_bound(clipping_range: float, quantization_range: int, weight_ratios: list[float],
+                          max_abs_delta: float) -> float:
+    """Largest possible |SecAgg+ aggregate - exact FedAvg| for one value, when no value was clipped.
+
+    With ``r_i = num_examples_i / max_weight``, site i quantizes ``r_i * delta_i`` stochastically with step
+    ``2 * clipping_range / quantization_range`` (error below one step) and its weight is rounded to a multiple of
+    ``1 / quantization_range``. The aggregate divides the sum by the sum of the rounded weights, so the error is
+    at most ``n * step / sum(r)`` plus the weight rounding, ``max|delta| * n / (quantization_range * sum(r))``.
+    """
+    n = len(weight_ratios)
+    total = sum(weight_ratios)
+    step = 2 * clipping_range / quantization_range
+    return n * step / total + max_abs_delta * n / (quantization_range * total)
+
+
+def ask_example_counts(grid: Grid, timeout: float) -> dict[int, int]:
+    """Ask every connected site how many training images it holds (the count FedAvg reveals anyway)."""
+    nodes = list(grid.get_node_ids())
+    out = [Message(content=RecordDict({"config": ConfigRecord({"query": "num-examples"})}), dst_node_id=node,
+                   message_type=MessageType.QUERY, group_id="secagg-max-weight") for node in nodes]
+    counts = {}
+    for reply in grid.send_and_receive(out, timeout=timeout):
+        if reply.has_content() and "metrics" in reply.content.metric_records:
+            counts[reply.metadata.src_node_id] = int(cast(MetricRecord, reply.content.metric_records["metrics"])
+                                                     ["num-examples"])
+    return counts
+
+
+def secure_fit_round(grid: Grid, context: LegacyContext, cfg: RunConfig, sampled: int,
+                     max_weight: float) -> SecAggSettings:
+    """Run one FedAvg round through SecAgg+ (the strategy's ``aggregate_fit`` sees only the unmasked sum)."""
+    require_csprng()
+    settings = settings_for(cfg, sampled, max_weight)
+    SecAggPlusWorkflow(num_shares=settings.num_shares, reconstruction_threshold=settings.reconstruction_threshold,
+                       max_weight=settings.max_weight, clipping_range=settings.clipping_range,
+                       quantization_range=settings.quantization_range, modulus_range=MODULUS_RANGE,
+                       timeout=settings.timeout)(WideningGrid(grid), context)
+    return settings
+
+
+def warn_clipping(site: str, clipped: int) -> None:
+    if clipped:
+        log(WARNING, "site %s: %d delta values exceed secagg.clipping-range and are clipped by SecAgg+", site,
+            clipped)

@@ -1,0 +1,297 @@
+"""A secure hospital deployment on 127.0.0.1, run the way docs/deployment.md tells people to run it.
+
+One deployment is shared by the module (a deployed round costs 30-60 s): ``medfed server init/start`` (CA, TLS,
+site authentication, persistent database), three sites made with ``medfed site init`` and registered, each
+running ``medfed site start`` on its own data folder (BreastMNIST as .npz, BreastMNIST as PNGs, CT DICOMs with
+identifying headers), plus an unregistered site and two SuperNodes that do not trust the coordinator's CA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import ssl
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import medfed
+from medfed.cli import app
+from medfed.config import from_flat
+from medfed.deploy.foreground import explain_supernode_exit
+from medfed.deploy.pki import create_ca
+from medfed.deploy.server import CONNECTION, ServerDir, site_table, submit_deployed_run
+from medfed.deploy.site import start_site
+from medfed.deploy.sitecfg import read_site_config
+from medfed.federation.deployment import run_status, start_supernode
+from medfed.federation.processes import MARKER, ProcessSession, bin_dir, free_port, pids_with_env
+from medfed.privacy.ledger import site_ledger
+from medfed.runs import RunDir
+from medical_files import find_leaks, write_planted_dicoms
+
+pytestmark = pytest.mark.slow
+
+SITES = ("hospital-a", "hospital-b", "hospital-c")
+CAPS = {"hospital-a": 9.0, "hospital-b": 100.0, "hospital-c": 100.0}
+"""hospital-a's cap fits run 1 (2 rounds planned to epsilon 8) but no further round."""
+RUN_SETTINGS = ["--set", "federation.sample-every=0", "--set", "train.num-samples=4", "--set",
+                "diffusion.sample-steps=4", "--set", "train.device=cpu", "--set", "federation.round-timeout=300",
+                "--set", "secagg.max-weight=64"]
+
+
+def cli(*args: str) -> str:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exit_code != 0:
+        raise AssertionError(f"medfed {' '.join(map(str, args))} failed ({result.exit_code}): {result.output}"
+                             ) from result.exception
+    return result.output
+
+
+def write_site_data(breastmnist: Path, root: Path) -> tuple[dict[str, tuple[Path, str]], list[str]]:
+    """Three different site folders from real images; returns ``{site: (path, format)}`` and the DICOM secrets."""
+    archive = np.load(breastmnist)
+    npz = root / "a" / "ultrasound.npz"
+    npz.parent.mkdir(parents=True)
+    np.savez(npz, train_images=archive["train_images"][:64], train_labels=archive["train_labels"][:64])
+    for i, (image, label) in enumerate(zip(archive["train_images"][64:128], archive["train_labels"][64:128, 0])):
+        folder = root / "b" / ("malignant" if label == 0 else "benign-or-normal")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+    secrets = write_planted_dicoms(root / "c", {"CT_small.dcm": 40})
+    return {"hospital-a": (npz, "npz"), "hospital-b": (root / "b", "folder"), "hospital-c": (root / "c", "dicom")}, \
+        secrets
+
+
+@dataclass
+class Deployment:
+    root: Path
+    server: ServerDir
+    session: ProcessSession
+    sites: dict[str, Path]
+    secrets: list[str]
+    outsiders: dict[str, subprocess.Popen] = field(default_factory=dict)
+    left_running: list[int] | None = None
+
+    def site_log(self, name: str) -> str:
+        return self.session.log_path(name).read_text(errors="replace")
+
+    def start_site(self, name: str, log_name: str | None = None) -> subprocess.Popen:
+        return self.session.start(log_name or name, [str(bin_dir() / "medfed"), "site", "start", "--dir",
+                                                     str(self.sites[name])])
+
+    def wait_online(self, names: tuple[str, ...], timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = {r["name"]: r["status"] for r in site_table(self.server) if r["revoked_at"] is None}
+            if all(status.get(n) == "online" for n in names):
+                return
+            assert time.monotonic() < deadline, f"sites not online: {status}"
+            time.sleep(2)
+
+    def flwr_homes(self) -> list[str]:
+        return [str(self.server.root / "flwr-home"), *(str(p / "flwr-home") for p in self.sites.values())]
+
+    def leftovers(self) -> list[int]:
+        pids = pids_with_env(MARKER, self.session.marker)
+        for home in self.flwr_homes():
+            pids += pids_with_env("FLWR_HOME", home)
+        return sorted(set(pids))
+
+    def close(self) -> None:
+        """Stop everything; what was still running afterwards is recorded, then killed."""
+        if self.left_running is None:
+            self.session.close()
+            self.left_running = self.leftovers()
+            for pid in self.left_running:
+                os.kill(pid, signal.SIGKILL)
+
+
+def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"process {proc.args} still running after {timeout:.0f} s") from None
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, breastmnist):
+    root = tmp_path_factory.mktemp("deploy")
+    data, secrets = write_site_data(breastmnist, root / "data")
+    port = free_port()
+    srv = root / "coordinator"
+    cli("server", "init", "--dir", srv, "--name", "localhost", "--port", port)
+    sd = ServerDir(srv)
+    session = ProcessSession(flwr_home=root / "test-flwr-home", log_dir=root / "logs")
+    dep = Deployment(root=root, server=sd, session=session, sites={}, secrets=secrets)
+    try:
+        server = session.start("server", [str(bin_dir() / "medfed"), "server", "start", "--dir", str(srv)])
+        session.wait_healthy("server", server, port, timeout=90,
+                             tls_context=ssl.create_default_context(cafile=str(sd.ca.cert)))
+        for i, name in enumerate([*SITES, "intruder"]):
+            path, fmt = data.get(name, data["hospital-a"])
+            dep.sites[name] = root / name
+            cli("site", "init", "--dir", dep.sites[name], "--name", name, "--superlink", f"localhost:{port}",
+                "--ca-cert", sd.ca.cert, "--data", path, "--format", fmt,
+                "--cap-epsilon", CAPS.get(name, 100.0), "--runtime-port", free_port())
+            if name in SITES:
+                cli("site", "register", "--dir", dep.sites[name], "--server-dir", srv)
+        for name in SITES:
+            dep.start_site(name)
+        start_site(session, read_site_config(dep.sites["intruder"]), name="intruder")
+        # a SuperNode with a registered key that trusts another CA, and one with no CA (the system store)
+        stranger_ca = create_ca(root / "stranger-ca")
+        b = read_site_config(dep.sites["hospital-b"])
+        dep.outsiders["wrong-ca"] = start_supernode(
+            session, f"localhost:{port}", free_port(), b.node_config(), ca_cert=stranger_ca.cert,
+            auth_key=b.private_key, name="wrong-ca", max_wait_time=30)
+        dep.outsiders["no-ca"] = session.start("no-ca", [
+            "flower-supernode", "--superlink", f"localhost:{port}", "--port", str(free_port()),
+            "--auth-supernode-private-key", str(b.private_key), "--max-wait-time", "30"])
+        dep.wait_online(SITES)
+        yield dep
+    finally:
+        dep.close()
+
+
+def run_config(name: str, rounds: int, *sets: str):
+    return from_flat({"federation.num-sites": 3, "data.image-size": 28, "data.channels": 1, "federation.rounds": rounds,
+                      "model.preset": "micro", "train.batch-size": 32, "output.name": name,
+                      **dict(s.split("=", 1) for s in RUN_SETTINGS[1::2]), **dict(s.split("=", 1) for s in sets)})
+
+
+@pytest.fixture(scope="module")
+def first_run(deployment):
+    """Two rounds with the defaults: DP-SGD at every site and secure aggregation."""
+    out = cli("server", "run", "--dir", deployment.server.root, "--sites", 3, "--image-size", 28, "--channels", 1,
+              "--rounds", 2, "--preset", "micro", "--batch-size", 32, "--name", "first", *RUN_SETTINGS)
+    assert "finished:completed" in out, out
+    return RunDir(deployment.server.runs / "first")
+
+
+@pytest.fixture(scope="module")
+def second_run(deployment, first_run):
+    """hospital-a's SuperNode is stopped and started again, then a second run of one round (secure aggregation
+    off to keep the test short: the budget gate is the point here)."""
+    site_a = dict(deployment.session.processes)["hospital-a"]
+    site_a.send_signal(signal.SIGTERM)
+    assert wait_exit(site_a, 60) == 128 + signal.SIGTERM
+    home = str(deployment.sites["hospital-a"] / "flwr-home")
+    assert not pids_with_env("FLWR_HOME", home), "hospital-a's SuperNode outlived `medfed site start`"
+    status = {r["name"]: r["status"] for r in site_table(deployment.server)}
+    assert status["hospital-a"] == "offline"  # it signed off at the SuperLink, so it can come back at once
+    deployment.start_site("hospital-a", log_name="hospital-a-restarted")
+    deployment.wait_online(SITES)
+    cfg = run_config("second", 1, "federation.min-sites=2", "secagg.enabled=false")
+    run_id, run, status = submit_deployed_run(deployment.server, cfg, show_progress=False)
+    assert status["status"] == "finished:completed", status
+    return run_id, run
+
+
+def ledger_rounds(deployment, name):
+    return [e for e in site_ledger(deployment.sites[name] / "state").entries() if e.kind == "round"]
+
+
+def test_unregistered_site_is_refused(deployment):
+    intruder = dict(deployment.session.processes)["intruder"]
+    assert wait_exit(intruder, 120) != 0
+    log = deployment.site_log("intruder")
+    assert "Failed to activate SuperNode" in log, log[-2000:]
+    assert explain_supernode_exit(log).startswith("the SuperLink refused this site's key: it is not registered")
+    table = site_table(deployment.server)
+    assert sorted(r["name"] for r in table) == sorted(SITES)
+    assert len(json.loads(deployment.server.registry.read_text())["sites"]) == 3
+
+
+def test_supernode_without_the_ca_certificate_cannot_connect(deployment):
+    for name, proc in deployment.outsiders.items():
+        assert wait_exit(proc, 120) != 0, name
+        log = deployment.site_log(name)
+        assert "CERTIFICATE_VERIFY_FAILED" in log, (name, log[-2000:])
+        assert explain_supernode_exit(log).startswith("TLS:")
+    status = {r["name"]: r["status"] for r in site_table(deployment.server)}
+    assert status["hospital-b"] == "online"  # the key the outsiders used still works over the right TLS
+
+
+def test_secure_private_run_completes_with_three_sites(deployment, first_run):
+    with deployment.server.session() as session:
+        runs = session.flwr_json(["ls", CONNECTION]).get("runs", [])
+        assert [r["status"] for r in runs] == ["finished:completed"]
+        assert run_status(session, CONNECTION, int(runs[0]["run-id"]))["status"] == "finished:completed"
+    rounds = [r for r in first_run.read_metrics() if "round" in r]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["aggregated"] and r["sites_participating"] == list(SITES) and not r["failures"]
+    summary = json.loads(first_run.summary_path.read_text())
+    assert summary["rounds_completed"] == 2
+    assert summary["privacy"]["label"].startswith("DP-SGD")
+    assert sorted(summary["privacy"]["sites"]) == list(SITES)
+    if "secure_aggregation" in summary:  # SecAgg+ is on by default wherever the code provides it
+        assert summary["secure_aggregation"]["rounds"].keys() == {"1", "2"}
+    out = cli("server", "rounds", first_run.root)
+    assert "round 2: aggregated; took part: hospital-a, hospital-b, hospital-c; missing: -" in out
+    leaks = find_leaks([p for p in deployment.server.root.rglob("*") if p.is_file()], deployment.secrets)
+    assert not leaks, leaks[:5]
+
+
+def test_each_site_ledger_and_privacy_report_show_the_budget_spent(deployment, first_run):
+    summary = json.loads(first_run.summary_path.read_text())["privacy"]["sites"]
+    versions = set()
+    for name in SITES:
+        rounds = [e for e in ledger_rounds(deployment, name) if e.data["run_name"] == "first"]
+        assert [e.data["round"] for e in rounds] == [1, 2]
+        assert 0 < rounds[0].data["epsilon"] < rounds[1].data["epsilon"] <= 8.0 + 1e-6
+        assert rounds[1].data["epsilon"] == pytest.approx(summary[name]["epsilon"])
+        version = rounds[0].data["code_version"]  # what ran on the site's data: its own installed medfed
+        assert version["medfed"] == medfed.__version__ and len(version["medfed_sources_sha256"]) == 64
+        versions.add(version["medfed_sources_sha256"])
+        assert "intact" in cli("privacy", "verify", deployment.sites[name] / "state")
+    assert len(versions) == 1  # one installed medfed, at every site
+    report_dir = deployment.root / "privacy-report"
+    out = cli("privacy", "report", *[a for n in SITES for a in ("--site", deployment.sites[n] / "state")],
+              "--out", report_dir)
+    report = {s["source"].split()[-1]: s for s in json.loads((report_dir / "privacy-report.json").read_text())["sites"]}
+    for name in SITES:
+        site = report[str(site_ledger(deployment.sites[name] / "state").path)]
+        assert site["spent_epsilon"] >= summary[name]["epsilon"] - 1e-6 and site["cap_epsilon"] == CAPS[name]
+        assert f"epsilon {site['spent_epsilon']:.4f}" in out
+
+
+def test_restarted_site_keeps_its_budget_and_refuses_at_its_cap(deployment, first_run, second_run):
+    _, run = second_run
+    restarted = deployment.site_log("hospital-a-restarted")
+    spent_first = ledger_rounds(deployment, "hospital-a")[-1].data["epsilon"]
+    assert f"epsilon spent {spent_first:.4f} of cap 9" in restarted  # read back from its ledger at start
+    entries = site_ledger(deployment.sites["hospital-a"] / "state").entries()
+    refusals = [e for e in entries if e.kind == "refusal"]
+    assert len(refusals) == 1 and refusals[0].data["run_name"] == "second"
+    assert "privacy cap reached" in refusals[0].data["reason"]
+    assert [e.kind for e in entries] == ["round", "round", "refusal"]
+    (record,) = [r for r in run.read_metrics() if "round" in r]
+    assert record["aggregated"] and record["sites_participating"] == ["hospital-b", "hospital-c"]
+    assert any("hospital-a refused round 1: privacy cap reached" in f for f in record["failures"]), record
+    assert "privacy cap reached" in cli("server", "rounds", run.root)
+    for name in ("hospital-b", "hospital-c"):
+        assert [e.data["run_name"] for e in ledger_rounds(deployment, name)] == ["first", "first", "second"]
+
+
+def test_revoked_site_is_disconnected(deployment, second_run):
+    out = cli("server", "revoke-site", "hospital-c", "--dir", deployment.server.root)
+    assert "revoked site 'hospital-c'" in out
+    site_c = dict(deployment.session.processes)["hospital-c"]
+    assert wait_exit(site_c, 120) == 2
+    assert "the coordinator revoked this site's key" in deployment.site_log("hospital-c")
+    status = {r["name"]: r["status"] for r in site_table(deployment.server)}
+    assert status["hospital-c"] == "unregistered"
+
+
+def test_every_process_is_cleaned_up(deployment, second_run):
+    deployment.close()
+    assert deployment.left_running == [], "processes left running after the deployment closed"
+    assert all(p.poll() is not None for _, p in deployment.session.processes)

@@ -1,0 +1,63 @@
+"""A real localhost deployment: SuperLink and SuperNodes as separate processes, sites reading their own files."""
+
+import signal
+import time
+
+import numpy as np
+
+from conftest import small_run_config
+from medfed.checkpoint import load_checkpoint
+from medfed.federation.deployment import (run_status, save_run_log, start_superlink, start_supernode, submit_run,
+                                          wait_finished, write_connection)
+from medfed.federation.flower_app import write_flower_app
+from medfed.federation.processes import ProcessSession, free_port
+from medfed.runs import RunDir
+
+
+def write_site_files(breastmnist, folder, names):
+    archive = np.load(breastmnist)
+    paths = {}
+    for i, name in enumerate(names):
+        sl = slice(60 * i, 60 * (i + 1))
+        paths[name] = folder / f"{name}.npz"
+        np.savez(paths[name], train_images=archive["train_images"][sl], train_labels=archive["train_labels"][sl])
+    return paths
+
+
+def test_superlink_and_supernodes_on_localhost(tmp_path, breastmnist):
+    sites = ["hospital-a", "hospital-b", "hospital-c"]
+    data = write_site_files(breastmnist, tmp_path, sites)
+    cfg = small_run_config(tmp_path / "runs", "deployed", **{
+        "data.dataset": "npz", "data.image-size": 28, "data.channels": 1, "federation.num-sites": 3,
+        "federation.min-sites": 2, "federation.rounds": 2, "federation.round-timeout": 300.0,
+        "federation.sample-every": 0, "secagg.enabled": False})  # SecAgg+ deployments: tests/test_deploy_*.py
+    run = RunDir(tmp_path / "runs" / "deployed")
+    app = write_flower_app(tmp_path / "app", cfg)
+    port = free_port()
+    with ProcessSession(flwr_home=tmp_path / "flwr-home", log_dir=tmp_path / "logs") as session:
+        start_superlink(session, port, database=tmp_path / "superlink.db")
+        for name in sites:
+            start_supernode(session, f"127.0.0.1:{port}", free_port(), name=name,
+                            node_config={"data-path": str(data[name]), "data-format": "npz", "site-name": name,
+                                         "state-dir": str(tmp_path / "state" / name), "privacy-cap-epsilon": 50.0})
+        write_connection(session, "local", f"127.0.0.1:{port}")
+        run_id = submit_run(session, app, "local")
+        # after round 1, hospital-c's SuperNode disappears: round 2 must go on with the other two
+        deadline = time.monotonic() + 300
+        while not (run.checkpoints / "round_0001.pt").exists():
+            assert time.monotonic() < deadline, "round 1 did not finish"
+            time.sleep(0.5)
+        victim = dict(session.processes)["hospital-c"]
+        victim.send_signal(signal.SIGKILL)
+        status = wait_finished(session, "local", run_id, timeout=400)
+        save_run_log(session, "local", run_id, tmp_path / "serverapp.log")
+        assert status["status"] == "finished:completed", (status, (tmp_path / "serverapp.log").read_text()[-3000:])
+        assert run_status(session, "local", run_id)["status"] == "finished:completed"
+    rounds = {r["round"]: r for r in run.read_metrics() if "round" in r}
+    assert sorted(rounds[1]["sites_participating"]) == sites
+    assert sorted(rounds[2]["sites_participating"]) == ["hospital-a", "hospital-b"]
+    assert rounds[2]["aggregated"]  # hospital-c is either missing (sampled, never answered) or no longer listed
+    assert load_checkpoint(run.latest_checkpoint).step == 2
+    for name in sites:  # each site's own ledger holds what it spent
+        assert (tmp_path / "state" / name / "privacy-ledger.jsonl").exists()
+    assert not session._marked_pids(), "processes left running after the session closed"
