@@ -9,6 +9,8 @@ Method: every reverse step costs the same (one UNet forward plus one scheduler s
 first ``timed_steps`` steps of the real DDIM-50 or DDPM-1000 chain, and images/s = batch / (seconds per step x
 50 or 1000). Variants are timed interleaved (the order rotates each repetition), and the speed-up is the median
 over repetitions of variant / baseline measured back to back, so load from other processes hits both alike.
+On the CPU the same ratio is also given in CPU time of this process (``time.process_time``), which other
+processes' load hardly moves: on a busy machine it is the steadier estimate of the quiet-machine ratio.
 Peak memory: on the CPU each variant runs once more in a fresh process (its peak RSS, which includes Python and
 torch, and ``rss_before_mib`` just before sampling); on a GPU ``torch.cuda.max_memory_allocated`` per variant.
 Exactness: the images after the timed DDIM steps, from the same starting noise, against the baseline's.
@@ -28,12 +30,17 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # As the medfed CLI does: OpenMP threads spinning while they wait make timings erratic on shared cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# An empty compile cache, so the first compilation is timed cold, as a user's first `--compile` is.
+COMPILE_CACHE = tempfile.TemporaryDirectory(prefix="medfed-bench-compile-")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", COMPILE_CACHE.name)
+os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(COMPILE_CACHE.name, "triton"))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -48,6 +55,7 @@ from medfed.diffusion.sampling import (  # noqa: E402
     denoise,
     make_sampler,
     noise_predictor,
+    resolve_precision,
     sample_images,
 )
 from medfed.models import build_unet  # noqa: E402
@@ -63,37 +71,38 @@ class Variant:
 
     name: str
     batch_size: int | None = None
-    channels_last: bool | None = None
-    precision: str = "float32"
+    channels_last: bool = False
+    precision: str = "auto"
     compile: bool = False
     plain_loop: bool = False
 
-    @property
-    def exact(self) -> bool:
-        """Same arithmetic as the baseline up to float rounding."""
-        return self.precision == "float32"
 
-
-BASELINE = Variant("baseline: eager no_grad NCHW, batch 64", batch_size=BASELINE_BATCH, plain_loop=True)
+BASELINE = Variant("baseline: eager no_grad float32, batch 64", batch_size=BASELINE_BATCH, precision="float32",
+                   plain_loop=True)
 DEFAULT = Variant("medfed default")
 
 
 def variants(device: torch.device, quick: bool) -> list[Variant]:
+    """Baseline, medfed's default, and the default with one or two switches changed."""
+    if device.type == "cuda":  # the default is float32 here; batch 64 separates batching from the rest
+        if quick:
+            return [BASELINE, DEFAULT, Variant("default + float16", precision="float16")]
+        return [BASELINE, Variant("inference_mode float32, batch 64", batch_size=BASELINE_BATCH), DEFAULT,
+                Variant("default + channels_last", channels_last=True),
+                Variant("default + bfloat16", precision="bfloat16"),
+                Variant("default + float16", precision="float16"),
+                Variant("default + float16 + channels_last", precision="float16", channels_last=True),
+                Variant("default + compile", compile=True),
+                Variant("default + float16 + compile", precision="float16", compile=True)]
+    exact = Variant("float32", precision="float32")
     if quick:
-        return [BASELINE, DEFAULT, Variant("default + bfloat16", precision="bfloat16")]
-    low = [Variant("default + bfloat16", precision="bfloat16")]
-    if device.type == "cuda":
-        low.append(Variant("default + float16", precision="float16"))
-    return [
-        BASELINE,
-        Variant("inference_mode, batch 64", batch_size=BASELINE_BATCH, channels_last=False),
-        Variant("inference_mode + channels_last, batch 64", batch_size=BASELINE_BATCH, channels_last=True),
-        Variant("default, channels_last off", channels_last=False),
-        DEFAULT,
-        *low,
-        Variant("default + compile", compile=True),
-        Variant(f"default + compile + {low[-1].precision}", precision=low[-1].precision, compile=True),
-    ]
+        return [BASELINE, DEFAULT, exact]
+    return [BASELINE, DEFAULT, exact,
+            Variant("float32 + channels_last", precision="float32", channels_last=True),
+            Variant("float32, batch 256", precision="float32", batch_size=256),
+            Variant("bfloat16 + channels_last", precision="bfloat16", channels_last=True),
+            Variant("default + compile", compile=True),
+            Variant("float32 + compile", precision="float32", compile=True)]
 
 
 def bench_model(shape: tuple[int, int, int]) -> nn.Module:
@@ -136,6 +145,7 @@ class Runner:
     def __init__(self, variant: Variant, model: nn.Module, device: torch.device, shape, stack: contextlib.ExitStack):
         self.variant, self.device, self.shape = variant, device, shape
         self.batch = variant.batch_size or default_batch_size(device, shape)
+        self.precision = "float32" if variant.plain_loop else resolve_precision(variant.precision, device)
         self.model = copy.deepcopy(model).to(device)
         self.predict = None
         if not variant.plain_loop:
@@ -150,12 +160,18 @@ class Runner:
         with torch.inference_mode():
             return denoise(self.predict, scheduler, x, generator=generator, eta=0.0)
 
-    def seconds_per_step(self, scheduler, x: torch.Tensor) -> float:
+    def first_call_s(self, x: torch.Tensor) -> float:
+        """Seconds of the first reverse step: warm-up, and for a compiled variant its compilation."""
+        return self.seconds_per_step(truncated("ddim", 50, 1), x)[0]
+
+    def seconds_per_step(self, scheduler, x: torch.Tensor) -> tuple[float, float]:
+        """Wall-clock and CPU seconds (this process, all threads) per reverse step."""
         synchronize(self.device)
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         self.run(scheduler, x)
         synchronize(self.device)
-        return (time.perf_counter() - start) / len(scheduler.timesteps)
+        steps = len(scheduler.timesteps)
+        return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
 
 
 def measure_memory(spec: dict) -> dict:
@@ -190,42 +206,45 @@ def bench_shape(shape, device: torch.device, quick: bool, reps: int, timed_steps
         noise = torch.randn((max(r.batch for r in runners), *shape), generator=torch.Generator().manual_seed(0))
         noise = noise.to(device)
         reference = None
-        for runner in runners:  # warm-up (and compilation): first call, timed separately
-            synchronize(device)
-            start = time.perf_counter()
-            out = runner.run(truncated("ddim", 50, 1), noise[:runner.batch])
-            synchronize(device)
-            first_call = time.perf_counter() - start
-            out = runner.run(truncated("ddim", 50, timed_steps), noise[:runner.batch])[:BASELINE_BATCH].float().cpu()
-            reference = out if runner.variant.plain_loop else reference
-            result["variants"][runner.variant.name] = {
-                **{k: v for k, v in asdict(runner.variant).items() if k != "name"}, "batch_size": runner.batch,
-                "exact": runner.variant.exact, "first_call_s": round(first_call, 2),
-                f"max_abs_diff_vs_baseline_after_{timed_steps}_ddim_steps":
-                    float((out - reference).abs().max()) if reference is not None else None}
+        for runner in runners:  # warm-up (and compilation): the first call, timed on its own
+            first_call = runner.first_call_s(noise[:runner.batch])
+            row = {**{k: v for k, v in asdict(runner.variant).items() if k != "name"}, "batch_size": runner.batch,
+                   "resolved_precision": runner.precision, "first_call_s": round(first_call, 2)}
+            if runner.precision == "float32":  # exactness; reduced precision: see --checkpoint
+                out = runner.run(truncated("ddim", 50, timed_steps), noise[:runner.batch])[:BASELINE_BATCH].cpu()
+                reference = out if runner.variant.plain_loop else reference
+                row[f"max_abs_diff_vs_baseline_after_{timed_steps}_ddim_steps"] = float((out - reference).abs().max())
+            result["variants"][runner.variant.name] = row
             print(f"  {runner.variant.name}: first call {first_call:.1f} s", flush=True)
         for label, (sampler, steps) in SAMPLERS.items():
-            per_step: dict[str, list[float]] = {r.variant.name: [] for r in runners}
-            ratios: dict[str, list[float]] = {r.variant.name: [] for r in runners}
+            names = [r.variant.name for r in runners]
+            wall: dict[str, list[float]] = {n: [] for n in names}
+            wall_ratio: dict[str, list[float]] = {n: [] for n in names}
+            cpu_ratio: dict[str, list[float]] = {n: [] for n in names}
             for rep in range(reps):
                 order = runners[rep % len(runners):] + runners[:rep % len(runners)]
-                rates = {}
+                per_image = {}  # seconds per image, wall and CPU, for this repetition
                 for runner in order:
-                    s = runner.seconds_per_step(truncated(sampler, steps, timed_steps), noise[:runner.batch])
-                    per_step[runner.variant.name].append(s)
-                    rates[runner.variant.name] = runner.batch / (s * steps)
-                for name, rate in rates.items():
-                    ratios[name].append(rate / rates[BASELINE.name])
+                    w, c = runner.seconds_per_step(truncated(sampler, steps, timed_steps), noise[:runner.batch])
+                    wall[runner.variant.name].append(w)
+                    per_image[runner.variant.name] = (w / runner.batch, c / runner.batch)
+                base_w, base_c = per_image[BASELINE.name]
+                for name, (w, c) in per_image.items():
+                    wall_ratio[name].append(base_w / w)
+                    cpu_ratio[name].append(base_c / c)
             for runner in runners:
                 name = runner.variant.name
-                median_s = statistics.median(per_step[name])
+                median_s = statistics.median(wall[name])
                 row = {"images_per_s": round(runner.batch / (median_s * steps), 3),
                        "seconds_per_step_median": round(median_s, 4),
-                       "speedup_vs_baseline": round(statistics.median(ratios[name]), 2),
-                       "speedup_min_max": [round(min(ratios[name]), 2), round(max(ratios[name]), 2)]}
+                       "speedup_vs_baseline": round(statistics.median(wall_ratio[name]), 2),
+                       "speedup_min_max": [round(min(wall_ratio[name]), 2), round(max(wall_ratio[name]), 2)]}
+                if device.type == "cpu":
+                    row["cpu_time_speedup_vs_baseline"] = round(statistics.median(cpu_ratio[name]), 2)
                 result["variants"][name][label] = row
-                print(f"  {label:>9} {name:<48} {row['images_per_s']:9.3f} images/s  x{row['speedup_vs_baseline']:.2f}",
-                      flush=True)
+                cpu_note = f"  (CPU time x{row['cpu_time_speedup_vs_baseline']:.2f})" if device.type == "cpu" else ""
+                print(f"  {label:>9} {name:<40} {row['images_per_s']:9.3f} images/s  "
+                      f"x{row['speedup_vs_baseline']:.2f}{cpu_note}", flush=True)
     for variant in chosen:  # compilation pays off once the time it saves exceeds the time it takes
         if variant.compile:
             row, eager = result["variants"][variant.name], result["variants"][eager_twin(variant, chosen).name]
@@ -282,6 +301,12 @@ def precision_check(checkpoint: str, device: torch.device, quick: bool) -> dict:
     return out
 
 
+def cpu_bfloat16_units() -> dict[str, bool | None]:
+    """Whether this CPU computes bfloat16 in hardware (without it, bfloat16 autocast is slower than float32)."""
+    probe = {"avx512_bf16": "_is_avx512_bf16_supported", "amx_tile": "_is_amx_tile_supported"}
+    return {name: getattr(torch.cpu, fn, lambda: None)() for name, fn in probe.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 variants, 2 timed steps (a smoke run, under 1 min)")
@@ -301,7 +326,7 @@ def main() -> None:
     start, load_at_start = time.perf_counter(), os.getloadavg()[0]
     results: dict = {"quick": args.quick, "device": str(device), "preset": "tiny", "repetitions": reps,
                      "timed_steps": timed_steps, "baseline": BASELINE.name, "load_average_1m_at_start": load_at_start,
-                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "cpu_bfloat16_units": cpu_bfloat16_units(),
                      "shapes": []}
     for shape in SHAPES:
         print(f"== tiny, images {'x'.join(map(str, shape))}", flush=True)
@@ -315,7 +340,7 @@ def main() -> None:
         results["shapes"].append(row)
     default_speedups = [row["variants"][DEFAULT.name][label]["speedup_vs_baseline"]
                         for row in results["shapes"] for label in SAMPLERS]
-    results["goal"] = "medfed default (float32) >= 2x the baseline's images/s, both shapes and samplers"
+    results["goal"] = "medfed default >= 2x the baseline's images/s, both shapes and samplers"
     results["goal_met"] = min(default_speedups) >= 2
     if args.checkpoint:
         results["precision_check"] = precision_check(args.checkpoint, device, args.quick)

@@ -45,8 +45,6 @@ class Checkpoint:
 
 def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
     """Write ``ckpt`` atomically (temporary file, then rename), so a crash never leaves half a checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "medfed_version": __version__,
@@ -58,10 +56,35 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
         "optimizer": ckpt.optimizer,
         "extra": ckpt.extra,
     }
+    return save_atomic(payload, path)
+
+
+def save_atomic(payload: dict[str, Any], path: str | Path) -> Path:
+    """``torch.save`` to a temporary file, then rename: a crash never leaves half a file at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
     return path
+
+
+def load_payload(path: str | Path, fmt: str, what: str) -> dict[str, Any]:
+    """Safely load (``weights_only``) a medfed file whose ``format`` marker is ``fmt``.
+
+    Raises:
+        CheckpointError: missing, truncated or foreign files, naming the path and the problem.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {what} file does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt files
+        raise CheckpointError(f"{path}: not a readable {what} ({type(err).__name__}: {err})") from err
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise CheckpointError(f"{path}: not a medfed {what} (missing format marker '{fmt}')")
+    return payload
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -70,15 +93,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     Raises:
         CheckpointError: missing, truncated or foreign files, naming the path and the problem.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a medfed checkpoint (missing format marker '{FORMAT}')")
+    payload = load_payload(path, FORMAT, "checkpoint")
     try:
         config = from_dict(payload["config"])
         return Checkpoint(

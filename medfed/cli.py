@@ -138,11 +138,10 @@ def sample(
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: <run>/samples/<checkpoint>).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     batch_size: Annotated[Optional[int], typer.Option(
-        help="Images denoised together (default: 256 on CPU, up to 1024 on GPU). Seeded images depend on it.")] = None,
+        help="Images denoised together (default: 64 on CPU, up to 1024 on GPU). Seeded images depend on it.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     precision: Annotated[str, typer.Option(
-        help="float32 (exact), or bfloat16/float16 autocast: faster on some hardware, images change slightly.")
-    ] = "float32",
+        help="auto (bfloat16 on CPUs with AMX, else float32), float32 (exact), bfloat16 or float16.")] = "auto",
     compile: Annotated[bool, typer.Option(
         help="torch.compile the UNet first (tens of seconds on CPU; pays off for many images or DDPM).")] = False,
 ) -> None:
@@ -178,6 +177,8 @@ app.add_typer(privacy_cli.app, name="privacy")
 from medfed.deploy import cli as deploy_cli  # noqa: E402
 app.add_typer(deploy_cli.server_app, name="server")
 app.add_typer(deploy_cli.site_app, name="site")
+from medfed.studies import cli as studies_cli  # noqa: E402
+app.add_typer(studies_cli.app, name="study")
 
 
 def main() -> None:

@@ -87,7 +87,8 @@ class ModelConfig:
     """The denoising UNet."""
 
     preset: str = "tiny"
-    """UNet preset from :data:`medfed.models.unet.PRESETS` (``micro``, ``tiny``, ``small``, ``paper``)."""
+    """UNet preset from :data:`medfed.models.unet.PRESETS` (``pico``, ``nano``, ``micro``, ``tiny``, ``small``,
+    ``paper``)."""
 
 
 @dataclass(frozen=True)

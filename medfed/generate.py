@@ -6,14 +6,14 @@ from pathlib import Path
 
 import torch
 
-from medfed.checkpoint import load_checkpoint
+from medfed.checkpoint import Checkpoint, load_checkpoint
 from medfed.devices import resolve_device
 from medfed.diffusion import sample_images
 from medfed.images import save_grid, save_png
 from medfed.models import build_unet
 
 
-def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, "Checkpoint"]:  # noqa: F821
+def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, Checkpoint]:
     """Build the checkpoint's UNet with its sampling weights (EMA when kept), on ``device``, in eval mode."""
     ckpt = load_checkpoint(path)
     model = build_unet(ckpt.config.model.preset, ckpt.image_shape[0])
@@ -30,12 +30,12 @@ def generate_from_checkpoint(
     seed: int = 0,
     batch_size: int | None = None,
     device: str = "auto",
-    precision: str = "float32",
+    precision: str = "auto",
     compile: bool = False,
 ) -> Path:
     """Write ``num`` generated images as ``00000.png``... and ``grid.png`` (up to 256 images) to ``out``.
 
-    ``batch_size`` None picks ``default_batch_size`` for the device (256 on the CPU, up to 1024 on a GPU);
+    ``batch_size`` None picks ``default_batch_size`` for the device (64 on the CPU, up to 1024 on a GPU);
     ``precision`` and ``compile`` are the speed switches of ``medfed.diffusion.sampling.noise_predictor``.
 
     Returns:

@@ -52,14 +52,14 @@ def test_server_init_makes_a_ca_and_a_server_certificate_tls_clients_accept(tmp_
                                    "--name", "10.1.2.3", "--port", "19092"])
     assert out.exit_code == 0, out.output
     sd = ServerDir(tmp_path / "srv")
-    assert mode(sd.ca.key) == 0o600 and mode(sd.tls.server_key) == 0o600
-    assert certificate_names(sd.tls.server_cert) == ["coord.example.org", "localhost", "10.1.2.3", "127.0.0.1"]
-    load_certificate(sd.tls.server_cert).verify_directly_issued_by(load_certificate(sd.ca.cert))
+    assert mode(sd.ca.key) == 0o600 and mode(sd.server_key) == 0o600
+    assert certificate_names(sd.server_cert) == ["coord.example.org", "localhost", "10.1.2.3", "127.0.0.1"]
+    load_certificate(sd.server_cert).verify_directly_issued_by(load_certificate(sd.ca.cert))
     connection = (sd.root / "flwr-home" / "config.toml").read_text()
     assert 'address = "127.0.0.1:19092"' in connection and str(sd.ca.cert) in connection
 
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(sd.tls.server_cert, sd.tls.server_key)
+    server.load_cert_chain(sd.server_cert, sd.server_key)
     handshake(server, ssl.create_default_context(cafile=str(sd.ca.cert)), "coord.example.org")
     with pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch|doesn't match"):
         handshake(server, ssl.create_default_context(cafile=str(sd.ca.cert)), "other.example.org")
@@ -73,7 +73,7 @@ def test_server_init_makes_a_ca_and_a_server_certificate_tls_clients_accept(tmp_
     renewed = CliRunner().invoke(app, ["server", "init", "--dir", str(sd.root), "--name", "new.example.org",
                                        "--renew-cert"])
     assert renewed.exit_code == 0, renewed.output
-    assert sd.ca.cert.read_bytes() == old_ca and "new.example.org" in certificate_names(sd.tls.server_cert)
+    assert sd.ca.cert.read_bytes() == old_ca and "new.example.org" in certificate_names(sd.server_cert)
 
 
 def test_site_key_is_what_flower_reads_and_its_fingerprint_matches_ssh_keygen(tmp_path):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import small_run_config
 from flower_apps import app_files

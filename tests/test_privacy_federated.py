@@ -52,8 +52,7 @@ def test_privacy_report_and_summary(capped_run, tmp_path):
     run, tight_cap = capped_run
     summary = json.loads(run.summary_path.read_text())["privacy"]
     assert summary["label"].startswith("DP-SGD") and summary["sites"]["site-2"]["cap_epsilon"] == tight_cap
-    site_reports = [from_ledger(p.parent, name=f"site-{p.parent.name.split('-')[1]}")
-                    for p in sorted((run.root.parent / "site-state").glob("*/*.jsonl"))]
+    site_reports = [from_ledger(p.parent) for p in sorted((run.root.parent / "site-state").glob("*/*.jsonl"))]
     reports = from_run(run.root) + site_reports
     paths = write_report(reports, tmp_path / "report")
     payload = json.loads(paths["json"].read_text())

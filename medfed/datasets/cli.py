@@ -19,12 +19,9 @@ def inspect(
 ) -> None:
     """Counts per format, image shapes, intensity ranges, DICOM modalities and series, unreadable files with
     reasons. Prints no DICOM header field that can identify a patient (names, IDs, dates, UIDs, institution)."""
-    import logging
     import sys
 
     from medfed.datasets.inspect import inspect_path, render_text
 
-    # MONAI warns on every machine without nvImageCodec (an optional GPU decoder); pydicom decodes instead.
-    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     report = inspect_path(path, show_progress=not json_output and sys.stderr.isatty())
     typer.echo(json.dumps(report, indent=2) if json_output else render_text(report))

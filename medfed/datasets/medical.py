@@ -39,6 +39,9 @@ CACHE_VERSION = "medfed-decode-1"
 """Part of every cache key: bump it when decoding changes so stale cache entries are not reused."""
 
 log = logging.getLogger(__name__)
+# MONAI warns for every image it loads on machines without nvImageCodec (an optional GPU DICOM decoder);
+# pydicom decodes instead, so the warning says nothing a site can act on.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)

@@ -46,9 +46,9 @@ def server_init(
     console.print(f"CA certificate (send it to every site): {sd.ca.cert}")
     console.print(f"  SHA-256 fingerprint (sites confirm it with you): {certificate_fingerprint(sd.ca.cert)}")
     console.print(f"CA key (0600; keep it offline once the server certificate is issued): {sd.ca.key}")
-    names = ", ".join(certificate_names(sd.tls.server_cert))
-    console.print(f"server certificate: {sd.tls.server_cert}, valid for {names} until "
-                  f"{certificate_expiry(sd.tls.server_cert):%Y-%m-%d}")
+    names = ", ".join(certificate_names(sd.server_cert))
+    console.print(f"server certificate: {sd.server_cert}, valid for {names} until "
+                  f"{certificate_expiry(sd.server_cert):%Y-%m-%d}")
     console.print(f"SuperLink will listen on {settings.host}:{settings.port}; start it with "
                   f"`medfed server start --dir {sd.root}`")
 

@@ -12,6 +12,8 @@ from rich.console import Console
 from medfed.errors import MedfedError
 from medfed.federation.processes import ProcessSession, log_tail
 
+NOT_ACTIVATED = "Failed to activate SuperNode"
+
 # What Flower writes when a SuperNode gives up, and what it means for a hospital's IT team.
 SUPERNODE_FAILURES = (
     ("CERTIFICATE_VERIFY_FAILED", "TLS: the SuperLink's certificate is not signed by the CA certificate this site "
@@ -19,15 +21,15 @@ SUPERNODE_FAILURES = (
                                   "coordinator's CA fingerprint)"),
     ("401 Unauthorized", "the coordinator revoked this site's key (or the SuperLink restarted without its "
                          "database); ask the coordinator"),
-    ("Failed to activate SuperNode", "the SuperLink refused this site's key: it is not registered (send the "
-                                     "public key to the coordinator: `medfed site register`), or this site's "
-                                     "previous SuperNode stopped uncleanly less than a minute ago"),
+    (NOT_ACTIVATED, "the SuperLink refused this site's key: it is not registered (send the public key to the "
+                     "coordinator: `medfed site register`), or this site's previous "
+                     "SuperNode stopped uncleanly less than a minute ago"),
     ("Unable to parse the private key", "the private key file is not an OpenSSH ECDSA key"),
     ("WRONG_VERSION_NUMBER", "TLS: the SuperLink does not speak TLS on that port"),
+    # a SuperNode stops itself (SIGINT) when its heartbeat is answered 401; last, as it matches any clean stop
+    ("SuperNode terminated gracefully", "the coordinator revoked this site's key (the SuperNode stops itself once "
+                                        "the SuperLink no longer accepts it), or someone stopped the SuperNode"),
 )
-
-
-NOT_ACTIVATED = "Failed to activate SuperNode"
 
 
 class ServiceExited(MedfedError):

@@ -74,9 +74,16 @@ class ServerDir:
         return CertificateAuthority(cert=self.root / "ca" / "ca.crt", key=self.root / "ca" / "ca.key")
 
     @property
+    def server_cert(self) -> Path:
+        return self.root / "tls" / "server.crt"
+
+    @property
+    def server_key(self) -> Path:
+        return self.root / "tls" / "server.key"
+
+    @property
     def tls(self) -> TLSFiles:
-        return TLSFiles(ca_cert=self.ca.cert, server_cert=self.root / "tls" / "server.crt",
-                        server_key=self.root / "tls" / "server.key")
+        return TLSFiles(ca_cert=self.ca.cert, server_cert=self.server_cert, server_key=self.server_key)
 
     @property
     def settings_path(self) -> Path:
@@ -134,8 +141,7 @@ def init_server(root: Path, names: list[str], *, host: str = "0.0.0.0", port: in
         create_ca(sd.ca.cert.parent)
     bind = [] if host in ("0.0.0.0", "::", "") else [host]
     settings = ServerSettings(host=host, port=port, names=tuple(dict.fromkeys([*names, *bind])))
-    issue_server_cert(sd.ca, sd.tls.server_cert, sd.tls.server_key, settings.names, days=days,  # type: ignore[arg-type]
-                      overwrite=renew_cert)
+    issue_server_cert(sd.ca, sd.server_cert, sd.server_key, settings.names, days=days, overwrite=renew_cert)
     sd.settings_path.write_text("# medfed server configuration (see docs/deployment.md)\n" + tomli_w.dumps(
         {"host": settings.host, "port": settings.port, "names": list(settings.names)}))
     with sd.session() as session:

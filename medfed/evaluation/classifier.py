@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfed import __version__
+from medfed.checkpoint import load_payload, save_atomic
 from medfed.datasets import ImageDataset, convert_channels, resize
 from medfed.errors import CheckpointError, DatasetError
 from medfed.evaluation.features import FeatureNetwork
@@ -156,16 +156,11 @@ def train_classifier(train: ImageDataset, test: ImageDataset, *, dataset: str, e
 
 def save_classifier(network: DomainClassifier, path: str | Path) -> Path:
     """Write the frozen classifier (atomically) with its name, hash and test accuracy."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "medfed_version": __version__, "name": network.name,
                "spec": dataclasses.asdict(network.spec), "state_dict": {k: v.cpu() for k, v in
                                                                           network.state_dict().items()},
                "info": network.info}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return save_atomic(payload, path)
 
 
 def load_classifier(path: str | Path) -> DomainClassifier:
@@ -174,13 +169,7 @@ def load_classifier(path: str | Path) -> DomainClassifier:
     Raises:
         CheckpointError: missing, foreign or modified file, naming the path.
     """
-    path = Path(path).expanduser()
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt files
-        raise CheckpointError(f"{path}: not a readable classifier file ({type(err).__name__}: {err})") from err
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a medfed feature classifier (missing format marker '{FORMAT}')")
+    payload = load_payload(path, FORMAT, "feature classifier")
     try:
         spec = ClassifierSpec(**payload["spec"])
         state, info = payload["state_dict"], dict(payload["info"])

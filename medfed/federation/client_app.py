@@ -8,12 +8,14 @@ It speaks Flower's legacy fit format, which SecAgg+ requires, and delegates the 
 2. :func:`medfed.federation.secagg.secure_aggregation_mod`: Flower's SecAgg+ with medfed's mask generator.
 
 Errors sent to the server say what failed, never file paths or header values: the full message stays in the
-site's own log.
+site's own log. Site logic (torch, MONAI, Opacus) is imported only where a message needs it: in deployment every
+message starts a fresh process, and SecAgg+'s key-exchange stages need none of it.
 """
 
 from __future__ import annotations
 
 from logging import ERROR
+from typing import TYPE_CHECKING
 
 import flwr.compat.common.recorddict_compat as compat
 from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -26,7 +28,9 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 from medfed.config import RunConfig, from_flat
 from medfed.errors import DatasetError
 from medfed.federation.secagg import clipped_values, is_secagg_message, secure_aggregation_mod, stage_of
-from medfed.federation.site import Site, fit_site, gate_round, load_site
+
+if TYPE_CHECKING:
+    from medfed.federation.site import Site
 
 app = ClientApp()
 
@@ -36,6 +40,8 @@ class SiteError(RuntimeError):
 
 
 def site_from(context: Context, cfg: RunConfig) -> Site:
+    from medfed.federation.site import load_site
+
     try:
         return load_site(cfg, context.node_config)
     except DatasetError as err:
@@ -48,6 +54,8 @@ def privacy_gate_mod(msg: Message, context: Context, call_next: ClientAppCallabl
     if is_secagg_message(msg) and stage_of(msg) == Stage.SETUP:
         cfg = from_flat(context.run_config)
         if cfg.privacy.enabled:
+            from medfed.federation.site import gate_round
+
             round_ = int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else 0
             gate_round(cfg, site_from(context, cfg), round_, context.run_id, record_spend=False)
     return call_next(msg, context)
@@ -59,6 +67,8 @@ TRAIN_MODS = [privacy_gate_mod, secure_aggregation_mod]
 @app.train(mods=TRAIN_MODS)
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's images and reply with the weight delta."""
+    from medfed.federation.site import fit_site
+
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     cfg = from_flat(context.run_config)
     site = site_from(context, cfg)

@@ -26,7 +26,6 @@ import importlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from logging import WARNING
 from typing import cast
 
 import numpy as np
@@ -35,8 +34,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, 
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import bytes_to_ndarray, ndarray_to_bytes
-from flwr.common.logger import log
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.server import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
@@ -251,8 +249,3 @@ def secure_fit_round(grid: Grid, context: LegacyContext, cfg: RunConfig, sampled
                        timeout=settings.timeout)(WideningGrid(grid), context)
     return settings
 
-
-def warn_clipping(site: str, clipped: int) -> None:
-    if clipped:
-        log(WARNING, "site %s: %d delta values exceed secagg.clipping-range and are clipped by SecAgg+", site,
-            clipped)

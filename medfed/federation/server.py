@@ -109,6 +109,9 @@ class FederatedRound:
             "bytes_up": grid.bytes_up,
             "wall_s": wall_s,
         }
+        if not outcome.aggregated:
+            record["skipped"] = ("secure aggregation halted: too few sites to unmask the sum (see failures)"
+                                 if secure else "no valid update arrived (see failures and rejected)")
         self.run.append_metrics(record)
         set_weights(self.model, self.strategy.current)
         ckpt = Checkpoint(model=self.model.state_dict(), config=self.cfg, image_shape=self.image_shape,

@@ -28,6 +28,10 @@ class UNetPreset:
 
 
 PRESETS: dict[str, UNetPreset] = {
+    "pico": UNetPreset((4, 8, 8), (False, False, True), 1, 8, 4, 18_253,
+                       "the smallest edge model (medfed study lightweight)"),
+    "nano": UNetPreset((8, 16, 16), (False, False, True), 1, 16, 8, 71_033,
+                       "edge devices with little memory (medfed study lightweight)"),
     "micro": UNetPreset((16, 32, 32), (False, False, True), 1, 32, 16, 280_177,
                         "edge devices and fast CPU runs"),
     "tiny": UNetPreset((32, 64, 64), (False, False, True), 1, 32, 32, 1_112_801,

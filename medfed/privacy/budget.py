@@ -79,14 +79,15 @@ def commit_round(ledger: Ledger, cap: PrivacyCap, plan: NoisePlan, *, site_name:
             reason = (f"site {site_name} refused round {server_round}: privacy cap reached: the round would "
                       f"raise epsilon from {before:.4f} to "
                       f"{after:.4f} (delta {cap.delta:g}), above the site's cap {cap.epsilon:g}")
-            tx.add("refusal", {"run_id": run_id, "run_name": run_name, "round": server_round, "reason": reason,
+            tx.add("refusal", {"site": site_name, "run_id": run_id, "run_name": run_name, "round": server_round,
+                               "reason": reason,
                                "epsilon_spent": before, "epsilon_projected": after, "cap_epsilon": cap.epsilon,
                                "delta": cap.delta, "code_version": code_version()})
             raise BudgetExceededError(reason)
         if not record_spend:
             return None
         return tx.add("round", {
-            "run_id": run_id, "run_name": run_name, "round": server_round,
+            "site": site_name, "run_id": run_id, "run_name": run_name, "round": server_round,
             "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
             "steps": plan.steps_per_round, "max_grad_norm": max_grad_norm,
             "noise_multiplicity": noise_multiplicity, "num_examples": num_examples, "accountant": plan.accountant,

@@ -53,7 +53,8 @@ def from_ledger(state_dir: str | Path, name: str | None = None) -> SiteReport:
     if not ledger.path.exists():
         raise MedfedError(f"{ledger.path}: no privacy ledger there")
     entries = ledger.entries()
-    report = SiteReport(site=name or (ledger.path.parent.name), source=f"ledger {ledger.path}")
+    recorded = next((e.data["site"] for e in reversed(entries) if "site" in e.data), None)
+    report = SiteReport(site=name or recorded or ledger.path.parent.name, source=f"ledger {ledger.path}")
     rounds = [e for e in entries if e.kind == "round"]
     for i, e in enumerate(rounds):
         d = e.data

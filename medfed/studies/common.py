@@ -1,0 +1,480 @@
+"""What every study shares: its folder and report files, the machine it ran on, the CPU time of its Flower
+processes, the named feature network that scores it, federated runs and what the sites' ledgers say.
+
+A study folder (``runs/study-<name>-<timestamp>/`` or ``--out``) holds:
+
+* ``study.json``: the command, the machine, every option, the feature network (name, sha256, test accuracy) and
+  one record per setting, rewritten after each setting, so an interrupted study keeps what it finished
+  (``complete`` says whether it did);
+* ``report.md`` and its plots (PNG);
+* ``runs/<setting>/``: each federated run folder (config, ``metrics.jsonl``, checkpoints, sample grid);
+* ``site-state/``: the simulated sites' privacy ledgers;
+* ``feature-classifier.pt``: the domain classifier trained for the study (when ``feature_network=classifier``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from medfed.config import DataConfig, RunConfig, from_dict, from_flat
+from medfed.datasets import ImageDataset, load_dataset
+from medfed.devices import resolve_device
+from medfed.errors import ConfigError, MedfedError
+from medfed.evaluation.features import FeatureNetwork, FeatureSet, extract_features, load_feature_network
+from medfed.evaluation.metrics import compute_scores
+from medfed.runs import RunDir
+
+STUDY_FILE = "study.json"
+REPORT_FILE = "report.md"
+CLASSIFIER = "classifier"
+NOT_PRIVATE = "NOT PRIVATE"
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+@dataclass(frozen=True)
+class StudySetup:
+    """Settings every study shares; each study's options hold one.
+
+    Attributes:
+        data_path: real, labelled images with ``train`` and ``test`` splits (e.g. a MedMNIST ``.npz``).
+        dataset: their format (``data.dataset``: npz, idx, folder, ...).
+        limit: training images in total, over all sites (a seeded subset of the train split); 0 = all.
+        image_size, channels: resize / convert the images (0 = native).
+        preset: UNet preset of the federated runs (``model.preset``).
+        rounds, local_epochs: FedAvg rounds, local epochs per round.
+        batch_size, lr: local training (``train.batch-size``, ``train.lr``).
+        target_epsilon: the epsilon each site plans its noise for over one federated run.
+        cap_epsilon: each simulated site's cap over everything its ledger records.
+        feature_network: ``classifier`` (medfed's domain classifier, trained for the study on the train split of
+            the same dataset and measured on its test split), ``fid-helper``, ``inception`` or a classifier file.
+        classifier_epochs: training epochs of that classifier.
+        num_samples: generated images behind every score.
+        sample_steps: DDIM steps of every sample drawn for a score.
+        seed: seed of runs, partitions, initial weights and sampling.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        parallel_sites, cpus_per_site: Flower simulation resources (Ray actors and their CPU threads).
+        overrides: ``section.key=value`` settings laid over every federated run's config, last.
+    """
+
+    data_path: str
+    dataset: str = "npz"
+    limit: int = 600
+    image_size: int = 0
+    channels: int = 0
+    preset: str = "micro"
+    rounds: int = 2
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 1e-3
+    target_epsilon: float = 8.0
+    cap_epsilon: float = 10.0
+    feature_network: str = CLASSIFIER
+    classifier_epochs: int = 3
+    num_samples: int = 256
+    sample_steps: int = 20
+    seed: int = 0
+    device: str = "auto"
+    parallel_sites: int = 1
+    cpus_per_site: int = 2
+    overrides: tuple[tuple[str, str], ...] = ()
+
+
+def check_setup(setup: StudySetup) -> None:
+    """Range checks, naming the option; the data and the feature network are checked when loaded."""
+    checks = [
+        (setup.limit >= 0, "--limit", "must be >= 0 (0 = all training images)"),
+        (setup.rounds >= 1, "--rounds", "must be >= 1"),
+        (setup.local_epochs >= 1, "--local-epochs", "must be >= 1"),
+        (setup.num_samples >= 2, "--num-samples", "must be >= 2 (FID needs two images on each side)"),
+        (setup.sample_steps >= 1, "--sample-steps", "must be >= 1"),
+        (setup.classifier_epochs >= 1, "--classifier-epochs", "must be >= 1"),
+        (setup.cap_epsilon >= setup.target_epsilon, "--cap-epsilon",
+         f"({setup.cap_epsilon:g}) must be at least --epsilon ({setup.target_epsilon:g}), or every site refuses"),
+        (setup.parallel_sites >= 1 and setup.cpus_per_site >= 1, "--parallel-sites/--cpus-per-site", "must be >= 1"),
+    ]
+    for ok, option, message in checks:
+        if not ok:
+            raise ConfigError(f"{option} {message}")
+
+
+def with_given(options: Any, given: Mapping[str, object]) -> Any:
+    """``options`` (a study's options, holding ``setup``) with the given non-None fields replaced; a field name
+    of :class:`StudySetup` goes to ``options.setup``."""
+    setup_fields = {f.name for f in dataclasses.fields(StudySetup)}
+    values = {k: v for k, v in given.items() if v is not None}
+    setup = dataclasses.replace(options.setup, **{k: v for k, v in values.items() if k in setup_fields})
+    return dataclasses.replace(options, setup=setup, **{k: v for k, v in values.items() if k not in setup_fields})
+
+
+# ------------------------------------------------------------------------------------------- folder and report
+
+def study_folder(name: str, out: str | Path | None) -> Path:
+    """The study's folder: ``out``, or ``runs/study-<name>-<timestamp>``; an existing study there is refused."""
+    folder = Path(out) if out else Path("runs") / f"study-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = folder.expanduser().resolve()
+    if (folder / STUDY_FILE).exists():
+        raise ConfigError(f"{folder}: already holds a study ({STUDY_FILE}); choose another --out")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers were measured: the fields of ``benchmarks/common.py:machine()``, plus the load average
+    over 5 and 15 minutes (the machine may be shared)."""
+    load = os.getloadavg()
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1m": load[0],
+        "load_average_5m": load[1],
+        "load_average_15m": load[2],
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                            cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def study_header(name: str, options: Any, command: str) -> dict[str, Any]:
+    """The opening fields of ``study.json``: what ran, where, with which options."""
+    return {"study": name, "command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": machine(), "options": dataclasses.asdict(options), "complete": False}
+
+
+def write_study(folder: Path, payload: Mapping[str, Any], markdown: str) -> None:
+    """Write ``study.json`` and ``report.md`` (each replaced atomically)."""
+    for name, text in ((STUDY_FILE, json.dumps(payload, indent=2, default=str) + "\n"), (REPORT_FILE, markdown)):
+        tmp = folder / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, folder / name)
+
+
+def announce(message: str) -> None:
+    """One progress line on stderr (the long steps draw their own bars)."""
+    console.print(f"[bold cyan]study:[/] {message}", highlight=False)
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table (the evaluation report's writer)."""
+    from medfed.evaluation.report import _md_table
+
+    return _md_table(list(header), [list(r) for r in rows])
+
+
+def fmt(value: float | None, decimals: int = 2) -> str:
+    """A table cell: fixed decimals; ``-`` only where a number does not apply (never for a missing one)."""
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise MedfedError(f"a study number is {value}: refusing to tabulate it")
+    return f"{value:.{decimals}f}"
+
+
+def document(lines: Sequence[str], payload: Mapping[str, Any], finished: str) -> str:
+    """A study's Markdown: ``lines`` (title first), the machine lines, and a warning under the title while the
+    study is incomplete (``finished``: what is done so far, e.g. "3 settings")."""
+    out = [*lines, *machine_lines(payload)]
+    if not payload.get("complete"):
+        out.insert(2, f"**Incomplete: {finished} finished so far.**\n")
+    return "\n".join(out) + "\n"
+
+
+def machine_lines(payload: Mapping[str, Any]) -> list[str]:
+    """Markdown bullet lines: command, machine, load, wall and CPU time."""
+    m = payload["machine"]
+    lines = [f"- command: `{payload['command']}`",
+             f"- machine: {m['cpu_count']} CPUs ({m['platform']}), torch {m['torch']} with {m['torch_threads']} "
+             f"threads, GPU: {m['cuda'] or 'none'}; load average at start {m['load_average_1m']:.1f} (1 min), "
+             f"{m['load_average_15m']:.1f} (15 min)"]
+    if "wall_s" in payload:
+        lines.append(f"- wall time {payload['wall_s'] / 60:.1f} min, CPU time {payload['cpu_s'] / 60:.1f} min "
+                     "(this process and its Flower processes, sampled each second; on a shared machine the wall "
+                     "time grows with the load, the CPU time much less)")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------- CPU time
+
+class CpuMeter:
+    """CPU seconds of this process plus every process whose ``FLWR_HOME`` lies under ``root``: the SuperLink,
+    simulation and Ray worker processes of the study's federated runs (their ``FLWR_HOME`` is inside each run
+    folder). Polled every ``interval`` seconds by a thread, so it is a slight lower bound.
+
+    Use as a context manager; read :attr:`cpu_s` at any time.
+    """
+
+    def __init__(self, root: Path, interval: float = 1.0) -> None:
+        self.marker = f"FLWR_HOME={Path(root).resolve()}".encode()
+        self.interval = interval
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.others: dict[int, float] = {}
+        self.ignored: set[int] = set()
+        self.own_start = time.process_time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="medfed-cpu-meter")
+
+    def __enter__(self) -> CpuMeter:
+        self.own_start = time.process_time()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.poll()
+
+    @property
+    def cpu_s(self) -> float:
+        return time.process_time() - self.own_start + sum(self.others.values())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def poll(self) -> None:
+        """Read the CPU time of every matching process now."""
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            if pid in self.ignored:
+                continue
+            try:
+                if pid not in self.others:
+                    environ = Path(f"/proc/{pid}/environ").read_bytes()
+                    if not any(v.startswith(self.marker) for v in environ.split(b"\0")):
+                        self.ignored.add(pid)
+                        continue
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                self.others[pid] = max(self.others.get(pid, 0.0), (int(fields[11]) + int(fields[12])) / self.tick)
+            except (OSError, IndexError, ValueError):
+                self.ignored.add(pid)
+
+
+# ------------------------------------------------------------------------------------------ data and configs
+
+def open_study(name: str, setup: StudySetup, out: str | Path | None) -> tuple[ImageDataset, ImageDataset,
+                                                                             torch.device, Path]:
+    """Check the setup and load the data (the train split's ``setup.limit`` subset, the whole test split) before
+    creating the study folder, so bad input leaves nothing behind. Returns train, test, device and folder."""
+    check_setup(setup)
+    train = load_split(setup, "train", setup.limit)
+    test = load_split(setup, "test")
+    device = resolve_device(setup.device)
+    return train, test, device, study_folder(name, out)
+
+
+def data_path(setup: StudySetup) -> str:
+    """The data path made absolute: Flower runs the sites in other working folders."""
+    return str(Path(setup.data_path).expanduser().resolve()) if setup.data_path else ""
+
+
+def data_config(setup: StudySetup, split: str, limit: int = 0) -> DataConfig:
+    return DataConfig(dataset=setup.dataset, path=data_path(setup), split=split, image_size=setup.image_size,
+                      channels=setup.channels, limit=limit)
+
+
+def load_split(setup: StudySetup, split: str, limit: int = 0) -> ImageDataset:
+    """The study's images of ``split`` (``limit`` > 0: a seeded subset); they must carry class labels."""
+    data = load_dataset(data_config(setup, split, limit), seed=setup.seed)
+    if bool((data.labels < 0).any()):
+        raise ConfigError(f"{setup.data_path}: the studies need class labels (Dirichlet splits and the domain "
+                          f"classifier); {data.name} has images without one")
+    return data
+
+
+def run_config(setup: StudySetup, folder: Path, name: str, image_shape: tuple[int, int, int],
+               flat: Mapping[str, object] | None = None) -> RunConfig:
+    """The config of one federated run of the study: the setup, then ``flat``, then ``setup.overrides``.
+
+    Runs go to ``<folder>/runs/<name>``; the simulated sites' ledgers to ``<folder>/site-state``. The server
+    writes one 16-image sample grid, after the last round.
+    """
+    base: dict[str, object] = {
+        "data.dataset": setup.dataset, "data.path": data_path(setup), "data.limit": setup.limit,
+        "data.image-size": image_shape[1], "data.channels": image_shape[0],
+        "model.preset": setup.preset, "train.batch-size": setup.batch_size, "train.lr": setup.lr,
+        "train.seed": setup.seed, "train.device": setup.device, "train.num-samples": 16,
+        "federation.rounds": setup.rounds, "federation.local-epochs": setup.local_epochs,
+        "federation.sample-every": 0, "diffusion.sampler": "ddim", "diffusion.sample-steps": setup.sample_steps,
+        "privacy.target-epsilon": setup.target_epsilon, "privacy.site-cap-epsilon": str(setup.cap_epsilon),
+        "privacy.site-state-root": str(folder / "site-state"),
+        "output.dir": str(folder / "runs"), "output.name": name,
+    }
+    base.update(flat or {})
+    base.update(dict(setup.overrides))
+    return from_flat(base)
+
+
+def federated_run(cfg: RunConfig, setup: StudySetup, show_progress: bool = True) -> tuple[RunDir, RunConfig]:
+    """Run ``cfg`` with real Flower (:func:`run_simulation`); returns the run folder and the config the server
+    used (resolved: absolute paths, image shape)."""
+    from medfed.federation.simulation import run_simulation
+
+    if cfg.secagg.enabled and cfg.federation.num_sites < 2:
+        raise ConfigError(f"{cfg.federation.num_sites} site: SecAgg+ needs at least 2 sites per round "
+                          "(or --set secagg.enabled=false)")
+    run = run_simulation(cfg, parallel_sites=setup.parallel_sites, cpus_per_site=setup.cpus_per_site,
+                         show_progress=show_progress)
+    records = round_records(run)
+    aggregated = sum(1 for r in records if r["aggregated"])
+    if aggregated < cfg.federation.rounds:
+        why = "; ".join(str(r.get("skipped") or r.get("failures") or r.get("rejected") or "no record")
+                        for r in records if not r["aggregated"]) or "rounds missing from metrics.jsonl"
+        raise MedfedError(f"{run.root}: the federated run aggregated {aggregated} of {cfg.federation.rounds} rounds "
+                          f"({why}; server log: {run.root / 'flower' / 'serverapp.log'}). The study compares "
+                          "settings at equal compute, so it stops here; finished settings stay in study.json.")
+    return run, from_dict(json.loads(run.config_path.read_text()))
+
+
+def round_records(run: RunDir) -> list[dict[str, Any]]:
+    return [r for r in run.read_metrics() if "round" in r]
+
+
+def sample_grid(run: RunDir) -> str:
+    """The path of the server's last sample grid of the run ("" when it wrote none)."""
+    grids = sorted(run.samples.glob("*.png"))
+    return str(grids[-1]) if grids else ""
+
+
+# ------------------------------------------------------------------------------------------------ privacy
+
+def ledger_record(state_dir: Path, delta: float, accountant: str) -> dict[str, Any]:
+    """What a site's verified ledger says: epsilon of everything it records (at ``delta``), its round entries
+    (noise multipliers, sample rates, steps) and refusals."""
+    from medfed.privacy.budget import history_of, spent_epsilon
+    from medfed.privacy.ledger import site_ledger
+
+    ledger = site_ledger(state_dir)
+    entries = ledger.entries()
+    history = history_of(entries)
+    return {"state_dir": str(state_dir), "epsilon": spent_epsilon(ledger, delta, accountant), "delta": delta,
+            "accountant": accountant, "rounds": len(history), "steps": sum(int(s) for _, _, s in history),
+            "noise_multipliers": sorted({float(sigma) for sigma, _, _ in history}),
+            "sample_rates": sorted({float(q) for _, q, _ in history}),
+            "refusals": [e.data["reason"] for e in entries if e.kind == "refusal"]}
+
+
+def simulated_ledgers(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    """Each simulated site's ledger record (``site-<i>``), from the state folders the run's sites used."""
+    from medfed.federation.site import simulated_state_dir
+
+    n = cfg.federation.num_sites
+    return {f"site-{i}": ledger_record(simulated_state_dir(cfg, i, n), cfg.privacy.delta, cfg.privacy.accountant)
+            for i in range(n)}
+
+
+def reported_epsilons(run: RunDir) -> dict[str, float]:
+    """The epsilon each site reported after its last round (``summary.json``; computed by the site)."""
+    summary = json.loads(run.summary_path.read_text())
+    return {site: float(v["epsilon"]) for site, v in summary.get("privacy", {}).get("sites", {}).items()}
+
+
+# -------------------------------------------------------------------------------------------------- scores
+
+@dataclass
+class Scorer:
+    """The study's one feature network and how it scores generated images against real ones.
+
+    Attributes:
+        network: the frozen feature network.
+        record: what it is: ``name`` (carried by every number), ``spec``, and for a domain classifier its
+            ``sha256``, ``test_accuracy``, ``num_train``, ``num_test``, ``file``.
+    """
+
+    network: FeatureNetwork
+    record: dict[str, Any]
+    seed: int = 0
+    batch_size: int = 256
+
+    @property
+    def name(self) -> str:
+        return self.network.name
+
+    def features(self, images: torch.Tensor, source: str) -> FeatureSet:
+        return extract_features(self.network, images, source=source, batch_size=self.batch_size)
+
+    def score(self, reference: FeatureSet, generated: torch.Tensor) -> dict[str, float]:
+        """FID, KID (+ std), precision, recall, density, coverage (and the classifier score where the network
+        has logits) of ``generated`` (N, C, H, W) in [-1, 1] against ``reference``; the sample counts too."""
+        scores = compute_scores(reference, self.features(generated, "generated"), seed=self.seed)
+        out: dict[str, float] = {"num-real": reference.count, "num-generated": len(generated)}
+        for s in scores:
+            if s.value is None:  # unavailable at these counts or on this network; the note says why
+                continue
+            out[s.metric] = s.value
+            if s.std is not None:
+                out[f"{s.metric}-std"] = s.std
+        return out
+
+
+def prepare_scorer(setup: StudySetup, folder: Path, device: torch.device, show_progress: bool = True) -> Scorer:
+    """Load the feature network, or train the domain classifier with ``medfed evaluate train-features``' code
+    on the dataset's whole train split (test accuracy on its test split) and save it in the study folder."""
+    from medfed.evaluation.classifier import save_classifier, train_classifier
+
+    spec = setup.feature_network
+    if spec == CLASSIFIER:
+        announce(f"training the domain classifier (feature network) on the train split of {setup.data_path}")
+        train, test = load_split(setup, "train"), load_split(setup, "test")
+        trained = train_classifier(train, test, dataset=setup.data_path, epochs=setup.classifier_epochs,
+                                   seed=setup.seed, device=device, show_progress=show_progress)
+        path = save_classifier(trained, folder / "feature-classifier.pt")
+        network = load_feature_network(str(path), device=device)  # the saved, hash-checked file
+        record = {"file": str(path), **network.info}
+    else:
+        network = load_feature_network(spec, device=device)
+        record = {"file": spec if Path(spec).expanduser().is_file() else "", **getattr(network, "info", {})}
+    record.update({"name": network.name, "spec": spec})
+    return Scorer(network=network, record=record, seed=setup.seed)
+
+
+def network_line(record: Mapping[str, Any]) -> str:
+    """One sentence naming the feature network, for every table's caption."""
+    text = f"Feature network `{record['name']}`"
+    if "test_accuracy" in record:
+        text += (f" (medfed's domain classifier, trained on {record.get('num_train')} images, test accuracy "
+                 f"{record['test_accuracy']:.3f} on {record.get('num_test')} test images; sha256 "
+                 f"`{record.get('sha256', '')[:16]}…`). Its numbers are not comparable with Inception FIDs "
+                 "from papers")
+    return text + "."
+
+
+def sample_model(model: torch.nn.Module, cfg: RunConfig, setup: StudySetup, image_shape: tuple[int, int, int],
+                 device: torch.device, show_progress: bool = True, num: int | None = None) -> torch.Tensor:
+    """``setup.num_samples`` (or ``num``) images (N, C, H, W) in [-1, 1] from ``model``: DDIM with
+    ``setup.sample_steps`` steps, seeded by ``setup.seed``, through :func:`medfed.diffusion.sample_images`."""
+    from medfed.diffusion import sample_images
+
+    return sample_images(model.to(device), cfg.diffusion, num or setup.num_samples, image_shape, device=device,
+                         seed=setup.seed, sampler="ddim", steps=setup.sample_steps, show_progress=show_progress)
+
+
+def sample_checkpoint(path: Path, setup: StudySetup, device: torch.device,
+                      show_progress: bool = True) -> torch.Tensor:
+    """:func:`sample_model` of a checkpoint's sampling weights."""
+    from medfed.generate import load_model
+
+    model, ckpt = load_model(path, device)
+    return sample_model(model, ckpt.config, setup, tuple(ckpt.image_shape), device, show_progress)
