@@ -18,7 +18,8 @@ With ``--checkpoint`` a trained model also shows how much reduced precision chan
 samples for the same seed, next to how much two different seeds differ.
 
 Usage: ``python benchmarks/bench_sampling.py [--quick] [--device auto|cpu|cuda] [--checkpoint PATH]``; writes
-``benchmarks/results/sampling.json``. Run time on 2 quiet CPU cores: about 8 min (``--quick``: under 1 min).
+``benchmarks/results/sampling.json``. Run time on the shared 2-core machine: 21 min (``--checkpoint``: 3 more),
+``--quick`` 1.5 min.
 """
 
 from __future__ import annotations
@@ -245,13 +246,16 @@ def bench_shape(shape, device: torch.device, quick: bool, reps: int, timed_steps
                 cpu_note = f"  (CPU time x{row['cpu_time_speedup_vs_baseline']:.2f})" if device.type == "cpu" else ""
                 print(f"  {label:>9} {name:<40} {row['images_per_s']:9.3f} images/s  "
                       f"x{row['speedup_vs_baseline']:.2f}{cpu_note}", flush=True)
+    base = result["variants"][BASELINE.name]
     for variant in chosen:  # compilation pays off once the time it saves exceeds the time it takes
         if variant.compile:
             row, eager = result["variants"][variant.name], result["variants"][eager_twin(variant, chosen).name]
             compile_s = max(0.0, row["first_call_s"] - eager["first_call_s"])
             row["compile_s"] = round(compile_s, 1)
-            for label in SAMPLERS:
-                saved_per_image = 1 / eager[label]["images_per_s"] - 1 / row[label]["images_per_s"]
+            for label in SAMPLERS:  # rates from the paired speed-ups, steadier than independent medians
+                rate = {name: base[label]["images_per_s"] * r[label]["speedup_vs_baseline"]
+                        for name, r in (("eager", eager), ("compiled", row))}
+                saved_per_image = 1 / rate["eager"] - 1 / rate["compiled"]
                 row[label]["compile_pays_off_after_images"] = (round(compile_s / saved_per_image)
                                                                if saved_per_image > 0 else None)
     return result

@@ -8,7 +8,7 @@ update. Inputs are random images in [-1, 1]; the work per step does not depend o
 Throughput is batch / median step time over the timed steps (medians resist other processes' load spikes).
 
 Usage: ``python benchmarks/bench_training.py [--quick] [--device auto|cpu|cuda]``; writes
-``benchmarks/results/training.json``. About 3 min on 2 quiet CPU cores (``--quick``: tiny only, about 40 s).
+``benchmarks/results/training.json``. Run time on the shared 2-core machine: 2.2 min (``--quick``: ``tiny`` only).
 """
 
 from __future__ import annotations

@@ -154,6 +154,9 @@ class FederationConfig:
     """Concentration of the Dirichlet label split (the paper uses 0.1, 0.5 and 5)."""
     sample_every: int = 1
     """Rounds between sample grids written by the server; 0 writes one at the end only."""
+    init_checkpoint: str = ""
+    """Start the global model from this checkpoint's sampling weights (e.g. a model the coordinator trained on
+    public data) instead of a random initialisation; empty = random."""
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,7 @@ def test_personalization_charges_each_sites_own_ledger(personalization_study):
     payload = check_report(personalization_study, "personalization.png")
     assert [s["site"] for s in payload["sites"]] == ["site-0", "site-1"]
     assert sum(s["train_images"] for s in payload["sites"]) == 96
-    assert sum(s["test_images"] for s in payload["sites"]) == 156
+    assert sum(s["test_images"] for s in payload["sites"]) <= 156
     for s in payload["sites"]:
         models = s["models"]
         assert set(models) == {"global", "personalized", "local-only"}
@@ -124,9 +124,9 @@ def test_personalization_charges_each_sites_own_ledger(personalization_study):
         assert entries[-1].data["run_name"] == "federated-personalization"
         tuned = torch.load(models["personalized"]["checkpoint"], weights_only=True)
         assert tuned["extra"]["site"] == s["site"] and tuned["extra"]["kind"] == "personalized"
-        # the site's test images follow its own class mix
+        # the site's test images follow its own class mix (up to rounding down per class)
         for label, share in s["train_class_mix"].items():
-            assert abs(s["test_class_mix"].get(label, 0.0) - share) < 0.1
+            assert abs(s["test_class_mix"].get(label, 0.0) - share) < 0.15
 
 
 def test_lightweight_study_through_the_cli(tmp_path, breastmnist, clients_study):
@@ -145,6 +145,9 @@ def test_lightweight_study_through_the_cli(tmp_path, breastmnist, clients_study)
     assert preset["export"]["max_abs_difference_vs_eager"] < 1e-5
     edge = torch.jit.load(str(exported))
     assert edge(torch.zeros(3, 1, 28, 28), torch.tensor([0, 10, 999])).shape == (3, 1, 28, 28)
+    ledgers = list((out / "site-state" / "pico").iterdir())  # each preset's runs have their own ledgers
+    assert len(ledgers) == 2 and all(site_ledger(d).verify() == 1 for d in ledgers)
+    assert preset["epsilon"] == pytest.approx(8, abs=0.1)
     fresh = preset["fresh_process"]
     assert fresh["peak_rss_mib"] >= fresh["rss_after_loading_mib"] > 0
     assert [r["steps"] for r in payload["results"]] == [2, 1]
@@ -153,13 +156,18 @@ def test_lightweight_study_through_the_cli(tmp_path, breastmnist, clients_study)
         assert r["batch"]["peak_mib"] >= 0 and len(r["single"]["ms_each"]) == 2
 
 
-def test_deal_like_follows_each_sites_class_mix():
+def test_deal_like_gives_each_site_its_training_class_mix():
     train = [np.array([0] * 90 + [1] * 10), np.array([0] * 10 + [1] * 90)]
     test = np.array([0] * 50 + [1] * 50)
     shards = deal_like(test, train, seed=0)
     assert sorted(np.concatenate(shards).tolist()) == list(range(100))
-    assert [int((test[s] == 0).sum()) for s in shards] == [45, 5]
-    assert [int((test[s] == 1).sum()) for s in shards] == [5, 45]
+    assert [(int((test[s] == 0).sum()), int((test[s] == 1).sum())) for s in shards] == [(45, 5), (5, 45)]
+    # a test pool with other class priors than training: the scarcer class limits how many are dealt
+    train = [np.array([0] * 9 + [1] * 91), np.array([0] * 40 + [1] * 60)]
+    test = np.array([0] * 40 + [1] * 60)
+    shards = deal_like(test, train, seed=0)
+    assert [(int((test[s] == 0).sum()), int((test[s] == 1).sum())) for s in shards] == [(3, 36), (15, 23)]
+    assert len(set(np.concatenate(shards).tolist())) == 77
 
 
 def test_local_steps_round_each_sites_last_batch_up():

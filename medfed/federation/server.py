@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from medfed.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from medfed.config import RunConfig, from_flat
 from medfed.devices import resolve_device
+from medfed.errors import ConfigError
 from medfed.diffusion import sample_images
 from medfed.federation.secagg import SecAggSettings, ask_example_counts, secure_fit_round
 from medfed.federation.site import federated_data_config
@@ -173,13 +174,16 @@ def run_server(grid: Grid, context: Context) -> RunDir:
         ckpt = load_checkpoint(run.latest_checkpoint)
         model.load_state_dict(ckpt.model)
         done = ckpt.step
+    elif cfg.federation.init_checkpoint:
+        load_initial_weights(model, cfg.federation.init_checkpoint, cfg, image_shape)
     fed = cfg.federation
     min_sites = fed.min_sites or fed.num_sites
     strategy = DeltaFedAvg(get_weights(model), num_sites=fed.num_sites, min_sites=min_sites,
                            fraction_fit=fed.fraction_fit, round_offset=done, wait_timeout=fed.round_timeout)
     if done == 0:
         run.append_metrics({"event": "start", "parameters": count_parameters(model), "image_shape": image_shape,
-                            "sites": fed.num_sites, "rounds": fed.rounds, "privacy": privacy_label(cfg)})
+                            "sites": fed.num_sites, "rounds": fed.rounds, "privacy": privacy_label(cfg),
+                            "init_checkpoint": fed.init_checkpoint or None})
         save_checkpoint(Checkpoint(model=model.state_dict(), config=cfg, image_shape=image_shape, step=0,
                                    extra={"kind": "federated", "privacy": privacy_label(cfg)}),
                         run.checkpoints / "round_0000.pt")
@@ -195,6 +199,16 @@ def run_server(grid: Grid, context: Context) -> RunDir:
         DefaultWorkflow(fit_workflow=fit_round, evaluate_workflow=evaluate_round)(grid, legacy)
     write_summary(run, cfg)
     return run
+
+
+def load_initial_weights(model: torch.nn.Module, path: str, cfg: RunConfig,
+                         image_shape: tuple[int, int, int]) -> None:
+    """Load a checkpoint's sampling weights as the first global model; it must match the run's preset and shape."""
+    ckpt = load_checkpoint(path)
+    if ckpt.config.model.preset != cfg.model.preset or tuple(ckpt.image_shape) != tuple(image_shape):
+        raise ConfigError(f"config key 'federation.init-checkpoint': {path} is a {ckpt.config.model.preset} model "
+                          f"for {tuple(ckpt.image_shape)} images; this run trains {cfg.model.preset} on {image_shape}")
+    model.load_state_dict(ckpt.sampling_weights())
 
 
 def write_summary(run: RunDir, cfg: RunConfig) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from medfed.errors import ConfigError
 from medfed.federation.partition import partition
 from medfed.federation.server import privacy_label
 from medfed.plots import line_plot
+from medfed.runs import RunDir
 from medfed.studies.common import (
     NOT_PRIVATE,
     CpuMeter,
@@ -164,7 +165,7 @@ def run_clients_study(options: ClientsOptions, out: str | Path | None = None, co
     return folder
 
 
-def setting_record(s: Setting, options: ClientsOptions, cfg: RunConfig, run: Any, shards: list[np.ndarray],
+def setting_record(s: Setting, options: ClientsOptions, cfg: RunConfig, run: RunDir, shards: list[np.ndarray],
                    scores: dict[str, float], network: str, wall_s: dict[str, float], cpu_s: float) -> dict[str, Any]:
     """One row of ``study.json``: the setting, its compute, scores, privacy spent, timings and full config."""
     sizes = [len(x) for x in shards]
@@ -211,7 +212,8 @@ def arm(r: dict[str, Any]) -> str:
 
 
 def plot(payload: dict[str, Any], path: Path) -> Path:
-    """FID, the largest site epsilon and the local optimizer steps against the number of sites."""
+    """FID, the largest site epsilon and noise multiplier, and the local optimizer steps against the number of
+    sites."""
     fid: dict[str, tuple[list[float], list[float]]] = {}
     eps: dict[str, tuple[list[float], list[float]]] = {}
     steps: dict[str, tuple[list[float], list[float]]] = {}
@@ -222,14 +224,17 @@ def plot(payload: dict[str, Any], path: Path) -> Path:
             xs.append(x)
             ys.append(y)
 
+    sigma: dict[str, tuple[list[float], list[float]]] = {}
     for r in payload["results"]:
         add(fid, arm(r), r["sites"], r["scores"]["fid"])
         add(steps, r["partition"], r["sites"], r["compute"]["local_steps"])
         if r["epsilon"] is not None:
             add(eps, r["partition"], r["sites"], r["epsilon"]["max"])
+            add(sigma, r["partition"], r["sites"], max(r["epsilon"]["noise_multipliers"]))
     setup = payload["options"]["setup"]
     return line_plot([(f"FID ({payload['feature_network']['name']})", "FID (lower is better)", fid),
                       ("epsilon of the most spent site (DP arms)", "epsilon", eps),
+                      ("largest noise multiplier of a site (DP arms)", "sigma", sigma),
                       ("local optimizer steps, all sites and rounds", "steps", steps)], path, xlabel="sites",
                      hlines={1: {"planned epsilon": setup["target_epsilon"], "site cap": setup["cap_epsilon"]}})
 
@@ -248,12 +253,13 @@ def markdown(payload: dict[str, Any]) -> str:
     setup = payload["options"]["setup"]
     results = payload["results"]
     header = ["sites", "split", "privacy", "images per site (min-max)", "local steps", "FID", "KID",
-              "epsilon (max over sites)", "final loss", "wall (min)"]
+              "epsilon (max over sites)", "noise multiplier (max)", "final loss", "wall (min)"]
     rows = [[str(r["sites"]), r["partition"] + ("" if r["dirichlet_beta"] is None else f" (b={r['dirichlet_beta']:g})"),
              "DP-SGD" if r["epsilon"] is not None else NOT_PRIVATE,
              f"{r['site_images']['min']}-{r['site_images']['max']}", str(r["compute"]["local_steps"]),
              fmt(r["scores"]["fid"], 1), fmt(r["scores"]["kid"], 3),
              fmt(r["epsilon"]["max"], 2) if r["epsilon"] is not None else NOT_PRIVATE,
+             fmt(max(r["epsilon"]["noise_multipliers"]), 3) if r["epsilon"] is not None else NOT_PRIVATE,
              fmt(r["final_train_loss"], 3), fmt(r["wall_s"]["total"] / 60, 1)] for r in results]
     fed = f"{setup['rounds']} rounds x {setup['local_epochs']} local epoch(s)"
     lines = [

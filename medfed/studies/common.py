@@ -308,8 +308,8 @@ def run_config(setup: StudySetup, folder: Path, name: str, image_shape: tuple[in
                flat: Mapping[str, object] | None = None) -> RunConfig:
     """The config of one federated run of the study: the setup, then ``flat``, then ``setup.overrides``.
 
-    Runs go to ``<folder>/runs/<name>``; the simulated sites' ledgers to ``<folder>/site-state``. The server
-    writes one 16-image sample grid, after the last round.
+    Runs go to ``<folder>/runs/<name>``; the simulated sites' ledgers to ``<folder>/site-state`` (unless ``flat``
+    sets ``privacy.site-state-root``). The server writes one 16-image sample grid, after the last round.
     """
     base: dict[str, object] = {
         "data.dataset": setup.dataset, "data.path": data_path(setup), "data.limit": setup.limit,
@@ -342,6 +342,9 @@ def federated_run(cfg: RunConfig, setup: StudySetup, show_progress: bool = True)
     if aggregated < cfg.federation.rounds:
         why = "; ".join(str(r.get("skipped") or r.get("failures") or r.get("rejected") or "no record")
                         for r in records if not r["aggregated"]) or "rounds missing from metrics.jsonl"
+        if cfg.privacy.enabled:  # a site's refusal is in its own ledger, not always in the server's record
+            refusals = [reason for v in simulated_ledgers(cfg).values() for reason in v["refusals"]]
+            why += "".join(f"; {reason}" for reason in refusals[:3])
         raise MedfedError(f"{run.root}: the federated run aggregated {aggregated} of {cfg.federation.rounds} rounds "
                           f"({why}; server log: {run.root / 'flower' / 'serverapp.log'}). The study compares "
                           "settings at equal compute, so it stops here; finished settings stay in study.json.")
@@ -478,3 +481,27 @@ def sample_checkpoint(path: Path, setup: StudySetup, device: torch.device,
 
     model, ckpt = load_model(path, device)
     return sample_model(model, ckpt.config, setup, tuple(ckpt.image_shape), device, show_progress)
+
+
+def bar_plot(panels: Sequence[tuple[str, str, Sequence[str], Mapping[str, Sequence[float]]]], path: Path) -> Path:
+    """A PNG with one grouped bar chart per ``(title, ylabel, group names, {series: one value per group})``,
+    side by side, in the style of :func:`medfed.plots.line_plot` (which draws lines, not categories)."""
+    import numpy as np
+
+    from medfed.plots import plt  # the headless (Agg) matplotlib that medfed.plots sets up
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (title, ylabel, groups, series) in zip(axes[0], panels):
+        width = 0.8 / max(1, len(series))
+        for i, (name, values) in enumerate(series.items()):
+            ax.bar(np.arange(len(groups)) + (i - (len(series) - 1) / 2) * width, list(values), width, label=name)
+        ax.set_xticks(np.arange(len(groups)), list(groups))
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

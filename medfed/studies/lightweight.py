@@ -207,8 +207,11 @@ def run_lightweight_study(options: LightweightOptions, out: str | Path | None = 
     check_options(options)
     train, test, device, folder = open_study(NAME, setup, out)
     precision = resolve_precision(options.precision, device)
-    configs = {p: run_config(setup, folder, f"preset-{p}", train.image_shape,
-                             {"model.preset": p, "federation.num-sites": options.sites}) for p in options.presets}
+    # One ledger folder per preset: a site deploys one of these models; training all of them on the same images
+    # would compose their budgets (and soon meet the cap).
+    configs = {p: run_config(setup, folder, f"preset-{p}", train.image_shape, {
+        "model.preset": p, "federation.num-sites": options.sites,
+        "privacy.site-state-root": str(folder / "site-state" / p)}) for p in options.presets}
     payload = study_header(NAME, options, command)
     payload.update({"training_images": len(train), "precision": precision, "presets": [], "results": []})
     start = time.perf_counter()
@@ -325,6 +328,8 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{network_line(payload['feature_network'])}", "",
         md_table(header, rows), "",
         f"![FID and latency against DDIM steps]({PLOT})", "",
+        "- epsilon: each preset's run has its own ledgers (`site-state/<preset>`): a site would deploy one of "
+        "these models, and training all of them on the same images would compose their budgets.",
         "- fresh process: a new Python process that imports torch and medfed's sampler, loads the TorchScript file "
         f"and samples one image on the CPU; its peak resident set (after imports alone: "
         f"{fresh.get('rss_after_imports_mib', 0):.0f} MiB). What an edge site must provide.",

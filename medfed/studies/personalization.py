@@ -1,10 +1,10 @@
 """``medfed study personalization``: is the global model, a locally fine-tuned global model, or a model trained
 at the site alone the best model for a site's own images?
 
-The training images are split across sites (Dirichlet by default, so sites differ) and the test split is dealt to
-the same sites with each site's own class mix, so every site has test images from its own distribution. Each
-site's images go into its own MedMNIST-layout ``.npz`` (``<study>/site-data/``), which the federated run reads
-through ``data.site-paths``, as a deployment reads each hospital's folder. Then:
+The training images are split across sites (Dirichlet by default, so sites differ) and test images are dealt to
+the same sites with each site's own class mix (:func:`deal_like`), so every site has test images from its own
+distribution. Each site's images go into its own MedMNIST-layout ``.npz`` (``<study>/site-data/``), which the
+federated run reads through ``data.site-paths``, as a deployment reads each hospital's folder. Then:
 
 1. **global**: a real Flower run (DP-SGD and SecAgg+) trains the global model.
 2. **personalized**: each site fine-tunes the global model on its own images for ``finetune_epochs`` with DP-SGD,
@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,13 +44,13 @@ from medfed.generate import load_model
 from medfed.privacy.budget import BudgetExceededError
 from medfed.images import save_grid, to_uint8
 from medfed.models import build_unet
-from medfed.plots import line_plot
 from medfed.studies.clients import PARTITIONS
 from medfed.studies.common import (
     CpuMeter,
     Scorer,
     StudySetup,
     announce,
+    bar_plot,
     document,
     federated_run,
     fmt,
@@ -119,20 +120,24 @@ def check_options(options: PersonalizationOptions) -> None:
 
 
 def deal_like(test_labels: np.ndarray, site_train_labels: list[np.ndarray], seed: int) -> list[np.ndarray]:
-    """Deal test images to sites so each site's test set follows its training class mix: the images of class c
-    are split (seeded, largest remainders) in proportion to each site's share of class c in training. A class no
-    site trained on is dealt evenly."""
+    """Deal test images to sites in proportion to their training images, class by class, so that each site's test
+    set has its training class mix.
+
+    Site i gets ``floor(s * n_ic)`` test images of class c (seeded choice), where n_ic counts its training images
+    of class c and s is the largest scale the test pool allows (``min over c of test_c / sum_i n_ic``). Test images
+    beyond that, and of classes no site trained on, are left out.
+    """
+    classes = np.unique(np.concatenate(site_train_labels))
+    counts = np.array([[np.sum(labels == c) for c in classes] for labels in site_train_labels])  # (sites, classes)
+    pool = np.array([np.sum(test_labels == c) for c in classes])
+    totals = counts.sum(0)
+    scale = min(pool[k] / totals[k] for k in range(len(classes)) if totals[k] > 0)
     rng = np.random.default_rng(seed)
-    n = len(site_train_labels)
-    shards: list[list[int]] = [[] for _ in range(n)]
-    for c in np.unique(test_labels):
+    shards: list[list[int]] = [[] for _ in site_train_labels]
+    for k, c in enumerate(classes):
         members = rng.permutation(np.flatnonzero(test_labels == c))
-        counts = np.array([np.sum(labels == c) for labels in site_train_labels], dtype=float)
-        share = counts / counts.sum() if counts.sum() > 0 else np.full(n, 1.0 / n)
-        exact = share * len(members)
-        dealt = np.floor(exact).astype(int)
-        dealt[np.argsort(-(exact - dealt), kind="stable")[: len(members) - dealt.sum()]] += 1
-        for site, part in enumerate(np.split(members, np.cumsum(dealt)[:-1])):
+        take = np.floor(counts[:, k] * scale + 1e-9).astype(int)
+        for site, part in enumerate(np.split(members[: take.sum()], np.cumsum(take)[:-1])):
             shards[site].extend(part.tolist())
     return [np.sort(np.asarray(s, dtype=np.int64)) for s in shards]
 
@@ -225,7 +230,7 @@ def run_personalization_study(options: PersonalizationOptions, out: str | Path |
             tuned = copy.deepcopy(global_model)
             tune_cfg = stage_config(used, "personalization", options.finetune_epochs, options.finetune_epsilon)
             try:
-                training = train_site_privately(tuned, tune_cfg, site, used.federation.rounds + 1, 0, device)
+                training = train_at_site(tuned, tune_cfg, site, used.federation.rounds + 1, device)
                 models["personalized"] = trained_model("personalized", tuned, tune_cfg, site, training, shape,
                                                        setup, device, scorer, real, folder, show_progress)
             except BudgetExceededError as err:
@@ -239,7 +244,7 @@ def run_personalization_study(options: PersonalizationOptions, out: str | Path |
             alone = build_unet(used.model.preset, shape[0]).to(device)
             alone_cfg = stage_config(used, "local-only", epochs, used.privacy.target_epsilon)
             alone_site = dataclasses.replace(site, state_dir=folder / "local-only-state" / site.name)
-            training = train_site_privately(alone, alone_cfg, alone_site, 1, 0, device)
+            training = train_at_site(alone, alone_cfg, alone_site, 1, device)
             models["local-only"] = trained_model("local-only", alone, alone_cfg, alone_site, training, shape,
                                                  setup, device, scorer, real, folder, show_progress)
             for model_name in ("personalized", "local-only"):
@@ -256,6 +261,15 @@ def run_personalization_study(options: PersonalizationOptions, out: str | Path |
     payload.update(wall_s=time.perf_counter() - start, cpu_s=meter.cpu_s)
     write_study(folder, payload, markdown(payload))
     return folder
+
+
+def train_at_site(model: torch.nn.Module, cfg: RunConfig, site: Site, server_round: int,
+                  device: torch.device) -> dict[str, Any]:
+    """:func:`train_site_privately` (plan, commit to the site's ledger, DP-SGD), without Opacus' "Secure RNG
+    turned off" warning: medfed's noise comes from OS-entropy generators (see :mod:`medfed.privacy.dp_sgd`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        return train_site_privately(model, cfg, site, server_round, 0, device)
 
 
 def trained_model(name: str, model: torch.nn.Module, cfg: RunConfig, site: Site, training: dict[str, Any],
@@ -279,19 +293,15 @@ def class_mix(labels: torch.Tensor) -> dict[str, float]:
 
 
 def plot(payload: dict[str, Any], path: Path) -> Path:
-    """Each model's FID and KID at each site (x: site index)."""
+    """Each model's FID and KID at each site, as grouped bars (a refused personalization has no bar)."""
+    sites = payload["sites"]
     panels = []
     for metric, label in (("fid", "FID"), ("kid", "KID")):
-        series: dict[str, tuple[list[float], list[float]]] = {}
-        for index, s in enumerate(payload["sites"]):
-            for model in MODELS:
-                scores = s["models"][model].get("scores")
-                if scores is not None:
-                    xs, ys = series.setdefault(model, ([], []))
-                    xs.append(index)
-                    ys.append(scores[metric])
-        panels.append((f"{label} on each site's own test images", f"{label} (lower is better)", series))
-    return line_plot(panels, path, xlabel="site")
+        series = {model: [s["models"][model]["scores"][metric] if "scores" in s["models"][model] else float("nan")
+                          for s in sites] for model in MODELS}
+        panels.append((f"{label} on each site's own test images", f"{label} (lower is better)",
+                       [s["site"] for s in sites], series))
+    return bar_plot(panels, path)
 
 
 def markdown(payload: dict[str, Any]) -> str:
@@ -305,11 +315,11 @@ def markdown(payload: dict[str, Any]) -> str:
     def eps(s: dict[str, Any], model: str) -> str:
         return fmt(s["models"][model]["ledger"]["epsilon"], 2)
 
-    header = ["site", "train / test images", "class mix (train)", "FID global", "FID personalized",
+    header = ["site", "train / test images", "class mix (train)", "class mix (test)", "FID global", "FID personalized",
               "FID local-only", "KID global", "KID personalized", "KID local-only", "epsilon after FL",
               "epsilon after personalization", "epsilon local-only"]
     rows = [[s["site"], f"{s['train_images']} / {s['test_images']}",
-             " / ".join(f"{k}: {v:.0%}" for k, v in s["train_class_mix"].items()),
+             *[" / ".join(f"{k}: {v:.0%}" for k, v in s[mix].items()) for mix in ("train_class_mix", "test_class_mix")],
              *[score(s, m, "fid", 1) for m in MODELS], *[score(s, m, "kid", 3) for m in MODELS],
              eps(s, "global"), eps(s, "personalized"), eps(s, "local-only")] for s in sites]
     lines = [
