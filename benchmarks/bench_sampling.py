@@ -19,7 +19,7 @@ samples for the same seed, next to how much two different seeds differ.
 
 Usage: ``python benchmarks/bench_sampling.py [--quick] [--device auto|cpu|cuda] [--checkpoint PATH]``; writes
 ``benchmarks/results/sampling.json``. Run time on the shared 2-core machine: 21 min (``--checkpoint``: 3 more),
-``--quick`` 1.5 min.
+``--quick`` 1 to 1.5 min.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", COMPILE_CACHE.name)
 os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(COMPILE_CACHE.name, "triton"))
 
 import torch  # noqa: E402
+from monai.networks.schedulers import DDIMScheduler  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -122,15 +123,11 @@ def plain_loop(model: nn.Module, scheduler, x: torch.Tensor, generator: torch.Ge
     with torch.no_grad():
         for t in scheduler.timesteps:
             eps = model(x, torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long))
-            if sampler_name(scheduler) == "ddim":
+            if isinstance(scheduler, DDIMScheduler):
                 x, _ = scheduler.step(eps, int(t), x, eta=eta, generator=generator)
             else:
                 x, _ = scheduler.step(eps, int(t), x, generator=generator)
     return x
-
-
-def sampler_name(scheduler) -> str:
-    return type(scheduler).__name__.removesuffix("Scheduler").lower()
 
 
 def truncated(sampler: str, steps: int, timed_steps: int):
@@ -194,7 +191,7 @@ def measure_memory(spec: dict) -> dict:
                     "sampling_extra_mib": round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1),
                     "memory_measure": "torch.cuda.max_memory_allocated"}
         return {"peak_memory_mib": round(peak_rss_mib(), 1), "rss_before_mib": round(rss_before, 1),
-                "memory_measure": "peak RSS of a fresh process (ru_maxrss)"}
+                "memory_measure": "peak RSS (VmHWM) of a fresh process"}
 
 
 def bench_shape(shape, device: torch.device, quick: bool, reps: int, timed_steps: int) -> dict:

@@ -8,7 +8,7 @@ update. Inputs are random images in [-1, 1]; the work per step does not depend o
 Throughput is batch / median step time over the timed steps (medians resist other processes' load spikes).
 
 Usage: ``python benchmarks/bench_training.py [--quick] [--device auto|cpu|cuda]``; writes
-``benchmarks/results/training.json``. Run time on the shared 2-core machine: 2.2 min (``--quick``: ``tiny`` only).
+``benchmarks/results/training.json``. Run time on the shared 2-core machine: 2.2 min (``--quick``: ``tiny`` only, 25 s).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def measure(spec: dict) -> dict:
     else:
         row["peak_memory_mib"] = round(peak_rss_mib(), 1)
         row["rss_before_mib"] = round(rss_before, 1)
-        row["memory_measure"] = "peak RSS of the child process (ru_maxrss)"
+        row["memory_measure"] = "peak RSS (VmHWM) of the child process"
     return row
 
 

@@ -143,7 +143,7 @@ def sample(
     precision: Annotated[str, typer.Option(
         help="auto (bfloat16 on CPUs with AMX, else float32), float32 (exact), bfloat16 or float16.")] = "auto",
     compile: Annotated[bool, typer.Option(
-        help="torch.compile the UNet first (tens of seconds on CPU; pays off for many images or DDPM).")] = False,
+        help="torch.compile the UNet first (1-3 min on a CPU the first time; pays off for long DDPM runs).")] = False,
 ) -> None:
     """Generate images from a checkpoint: one PNG per image plus grid.png."""
     from medfed.generate import generate_from_checkpoint

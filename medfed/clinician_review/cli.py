@@ -24,7 +24,8 @@ def export(
     sampler: Annotated[Optional[str], typer.Option(help="ddpm or ddim (default: the checkpoint's).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="DDIM steps (default: the checkpoint's).")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Images denoised together.")] = 256,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images denoised together (default: as "
+                                                      "`medfed sample` picks).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     num_real: Annotated[int, typer.Option(help="Real images to mix in (needs the site's approval).")] = 0,
     real_data: Annotated[Optional[str], typer.Option(help="The site's real images: a file or folder.")] = None,

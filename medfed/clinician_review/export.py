@@ -62,7 +62,7 @@ class GeneratedImages:
 
 
 def sample_generated(checkpoint: str | Path, num: int, *, sampler: str | None = None, steps: int | None = None,
-                     seed: int = 0, batch_size: int = 256, device: str = "auto") -> GeneratedImages:
+                     seed: int = 0, batch_size: int | None = None, device: str = "auto") -> GeneratedImages:
     """Sample ``num`` images from a checkpoint, exactly as ``medfed sample`` with the same arguments would."""
     from medfed.devices import resolve_device
     from medfed.diffusion import sample_images

@@ -7,10 +7,11 @@ elsewhere. ``benchmarks/bench_sampling.py`` measures each choice against a plain
 
 - bfloat16 on an AMX CPU: about 2x the images/s; pixels move by under one grey level (of 255) on average for the
   same seed, a few by more. ``precision="float32"`` is exact (and the default on GPUs until measured there).
-- ``compile=True``: ``torch.compile`` (CUDA graphs on a GPU). Compiling takes one to two minutes on a CPU, so it
-  pays off for long runs (DDPM, many images); float32 gains little from it on the CPU, bfloat16 more.
-- ``channels_last=True``: exact up to float rounding; up to about 1.2x for float32 on the CPU at 32x32, but
-  slower below 32x32 with bfloat16 (PyTorch's channels-last GroupNorm kernel is slow for small images).
+- ``compile=True``: ``torch.compile`` (CUDA graphs on a GPU). The first compilation takes one to three minutes on
+  a CPU (10-20 s once the inductor cache is warm), so it pays off for long runs (DDPM, many images); on the CPU
+  it adds about 1.2x to float32 and 1.3-1.5x to bfloat16.
+- ``channels_last=True``: exact up to float rounding; about 1.1x for float32 on the CPU at 32x32, but slower
+  below 32x32, and 2x slower with bfloat16 at 28x28 (PyTorch's channels-last GroupNorm is slow for small images).
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ def default_batch_size(device: torch.device, image_shape: tuple[int, int, int]) 
 
     On the CPU the convolutions are compute-bound by 32-64 images, and larger batches cost more CPU time per
     image (their activations no longer stay in cache; bench_sampling.py), so 64. On a GPU a small UNet is bound by
-    kernel launches, so the batch grows to about 2**20 pixels (1024 images of 32x32, 256 of 64x64), which keeps
-    the ``paper`` preset's activations within a few GiB. The rule depends only on the device type and the image
-    size, so seeded runs stay reproducible on a machine.
+    kernel launches, so the batch grows to about 2**20 pixels (1024 images of 32x32, 256 of 64x64), which should
+    keep the ``paper`` preset's activations within a few GiB (estimated, not yet measured on a GPU). The rule
+    depends only on the device type and the image size, so seeded runs stay reproducible on a machine.
     """
     if device.type == "cuda":
         _, h, w = image_shape
@@ -64,7 +65,7 @@ def default_batch_size(device: torch.device, image_shape: tuple[int, int, int]) 
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``bfloat16`` on CPUs with AMX bfloat16 units (measured twice as fast), else ``float32``."""
+    """``auto`` -> ``bfloat16`` on CPUs with AMX bfloat16 units (measured about 2x faster), else ``float32``."""
     if precision == "auto":
         has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
         return "bfloat16" if device.type == "cpu" and has_amx else "float32"
@@ -201,6 +202,7 @@ def sample_images(
     """
     sampler = sampler or cfg.sampler
     scheduler = make_sampler(cfg, sampler, steps or cfg.sample_steps)
+    precision = resolve_precision(precision, device)
     batch_size = batch_size or default_batch_size(device, image_shape)
     batches = [min(batch_size, num - start) for start in range(0, num, batch_size)]
     out = []

@@ -8,8 +8,8 @@ and the exported model is sampled through :func:`medfed.diffusion.sample_images`
 each (preset, steps): parameters, file size on disk, peak memory and latency per image (a batch of
 ``num_samples`` and one image at a time), and FID/KID on the study's feature network against the test split.
 
-Peak memory is the allocator's peak on CUDA; on the CPU it is the rise of the process's peak resident set during
-sampling (``VmHWM``, reset through ``/proc/self/clear_refs``). Latency is wall time after two warm-up calls
+Peak memory is measured in fresh processes (:mod:`medfed.studies.edge`): a process's peak only grows, and memory
+freed by earlier work is reused without showing. Latency is wall time after two warm-up calls of each batch shape
 (TorchScript optimises a graph on its first runs), together with the CPU time, which a shared machine disturbs
 less.
 """
@@ -32,7 +32,7 @@ from medfed.errors import ConfigError
 from medfed.generate import load_model
 from medfed.models import PRESETS, count_parameters
 from medfed.plots import line_plot
-from medfed.studies.edge import measure_fresh_process, status_kib
+from medfed.studies.edge import measure_fresh_process
 from medfed.studies.common import (
     NOT_PRIVATE,
     CpuMeter,
@@ -107,67 +107,33 @@ def check_options(options: LightweightOptions) -> None:
 
 # ------------------------------------------------------------------------------------------------ measuring
 
-class PeakMemory:
-    """Peak memory of the work inside a ``with`` block, in MiB (:attr:`mib`) and how it was measured
-    (:attr:`kind`).
-
-    CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated on entry. CPU: the process's peak resident
-    set (``VmHWM``, reset on entry by writing 5 to ``/proc/self/clear_refs``) above its resident set on entry;
-    where that reset is not allowed, the process's peak resident set so far, labelled so.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.mib: float = 0.0
-        self.kind = ""
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            self.kind = "CUDA allocator peak above the memory in use before"
-            return self
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.base = status_kib("VmRSS") or 0
-            self.kind = "peak resident set (VmHWM) above the resident set before"
-        except OSError:
-            self.base = 0
-            self.kind = "process peak resident set (VmHWM could not be reset)"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.mib = (torch.cuda.max_memory_allocated(self.device) - self.base) / MIB
-        else:
-            self.mib = max(0, (status_kib("VmHWM") or 0) - self.base) / 1024
-
-
 @dataclass(frozen=True)
 class Timed:
-    """Wall and CPU seconds of one sampling call, and its peak memory."""
+    """Wall and CPU seconds of one sampling call; on CUDA also the allocator's peak above what was in use before."""
 
     images: torch.Tensor
     wall_s: float
     cpu_s: float
-    peak_mib: float
-    memory_kind: str
+    cuda_peak_mib: float | None
 
 
 def timed_sampling(model: torch.nn.Module, cfg: RunConfig, num: int, shape: tuple[int, int, int], steps: int,
                    device: torch.device, seed: int, precision: str, batch_size: int | None = None,
                    show_progress: bool = False) -> Timed:
-    """:func:`sample_images` with DDIM ``steps``, timed (wall and process CPU) and with its peak memory."""
-    with PeakMemory(device) as memory:
-        wall, cpu = time.perf_counter(), time.process_time()
-        images = sample_images(model, cfg.diffusion, num, shape, device=device, seed=seed, sampler="ddim",
-                               steps=steps, batch_size=batch_size, precision=precision, show_progress=show_progress)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return Timed(images, wall, cpu, memory.mib, memory.kind)
+    """:func:`sample_images` with DDIM ``steps``, timed (wall and process CPU)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        in_use = torch.cuda.memory_allocated(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    images = sample_images(model, cfg.diffusion, num, shape, device=device, seed=seed, sampler="ddim", steps=steps,
+                           batch_size=batch_size, precision=precision, show_progress=show_progress)
+    if cuda:
+        torch.cuda.synchronize(device)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    peak = (torch.cuda.max_memory_allocated(device) - in_use) / MIB if cuda else None
+    return Timed(images, wall, cpu, peak)
 
 
 def export_torchscript(model: torch.nn.Module, shape: tuple[int, int, int], path: Path, device: torch.device,
@@ -240,9 +206,10 @@ def run_lightweight_study(options: LightweightOptions, out: str | Path | None = 
                 for _ in range(2):  # the TorchScript executor profiles, then optimises, the first calls of a shape
                     sample_images(edge, used.diffusion, num, shape, device=device, seed=setup.seed, sampler="ddim",
                                   steps=2, batch_size=batch_size, precision=precision)
-            announce(f"[{index}/{len(configs)}] preset {preset}: memory of one image in a fresh process")
-            fresh = measure_fresh_process(Path(export["file"]), used.diffusion, shape, min(options.step_counts),
-                                          setup.seed, precision)
+            announce(f"[{index}/{len(configs)}] preset {preset}: peak memory in fresh processes (CPU)")
+            fresh = {name: measure_fresh_process(Path(export["file"]), used.diffusion, shape, min(options.step_counts),
+                                                 setup.seed, precision, num=num, batch_size=batch_size)
+                     for name, num, batch_size in (("one_image", 1, 1), ("batch", setup.num_samples, None))}
             eager = timed_sampling(model, used, 8, shape, min(options.step_counts), device, setup.seed, precision)
             exported = timed_sampling(edge, used, 8, shape, min(options.step_counts), device, setup.seed, precision)
             records = round_records(run)
@@ -268,7 +235,7 @@ def run_lightweight_study(options: LightweightOptions, out: str | Path | None = 
                     "batch": {"images": setup.num_samples, "batch_size": "sample_images default",
                               "ms_per_image": 1000 * batch.wall_s / setup.num_samples,
                               "cpu_ms_per_image": 1000 * batch.cpu_s / setup.num_samples,
-                              "peak_mib": batch.peak_mib, "memory": batch.memory_kind},
+                              "cuda_peak_mib": batch.cuda_peak_mib},
                     "single": {"images": options.edge_images, "batch_size": 1,
                                "ms_per_image": 1000 * float(np.median([t.wall_s for t in single])),
                                "cpu_ms_per_image": 1000 * float(np.median([t.cpu_s for t in single])),
@@ -283,39 +250,41 @@ def run_lightweight_study(options: LightweightOptions, out: str | Path | None = 
 
 
 def plot(payload: dict[str, Any], path: Path) -> Path:
-    """FID and latency per image (batch 1) against DDIM steps, one line per preset."""
-    fid: dict[str, tuple[list[float], list[float]]] = {}
-    latency: dict[str, tuple[list[float], list[float]]] = {}
+    """FID and latency per image (in a batch, and one at a time) against DDIM steps, one line per preset."""
+    panels: list[tuple[str, str, dict[str, tuple[list[float], list[float]]]]] = [
+        (f"FID ({payload['feature_network']['name']})", "FID (lower is better)", {}),
+        (f"latency per image, batch of {payload['options']['setup']['num_samples']}", "ms", {}),
+        ("latency per image, one at a time", "ms", {})]
     for r in sorted(payload["results"], key=lambda r: r["steps"]):
-        for series, y in ((fid, r["scores"]["fid"]), (latency, r["single"]["ms_per_image"])):
+        values = (r["scores"]["fid"], r["batch"]["ms_per_image"], r["single"]["ms_per_image"])
+        for (_, _, series), y in zip(panels, values):
             xs, ys = series.setdefault(r["preset"], ([], []))
             xs.append(r["steps"])
             ys.append(y)
-    return line_plot([(f"FID ({payload['feature_network']['name']})", "FID (lower is better)", fid),
-                      ("latency per image, one at a time", "ms", latency)], path, xlabel="DDIM steps")
+    return line_plot(panels, path, xlabel="DDIM steps")
 
 
 def markdown(payload: dict[str, Any]) -> str:
     setup = payload["options"]["setup"]
     presets = {p["preset"]: p for p in payload["presets"]}
     preset_header = ["preset", "parameters", "TorchScript file (KiB)",
-                     "peak memory, one image, fresh process (MiB): total / above imports",
+                     "peak memory, one image (MiB): total / above imports",
+                     f"peak memory, batch of {setup['num_samples']} (MiB): total / above imports",
                      "epsilon (max over sites)", "final training loss", "federated run (min)",
                      "export vs eager, largest difference (noise / samples)"]
     preset_rows = [[p["preset"], f"{p['parameters']:,}", fmt(p["export"]["bytes"] / 1024, 0),
-                    f"{fmt(p['fresh_process']['peak_rss_mib'], 0)} / "
-                    f"{fmt(p['fresh_process']['peak_rss_mib'] - p['fresh_process']['rss_after_imports_mib'], 0)}",
+                    *[f"{fmt(m['peak_rss_mib'], 0)} / {fmt(m['peak_rss_mib'] - m['rss_after_imports_mib'], 0)}"
+                      for m in (p["fresh_process"]["one_image"], p["fresh_process"]["batch"])],
                     fmt(p["epsilon"], 2) if p["epsilon"] is not None else NOT_PRIVATE,
                     fmt(p["final_train_loss"], 3), fmt(p["train_wall_s"] / 60, 1),
                     f"{p['export']['max_abs_difference_vs_eager']:.1e} / {p['samples_match_eager']:.1e}"]
                    for p in payload["presets"]]
     header = ["preset", "parameters", "DDIM steps", "FID", "KID", f"ms / image (batch of {setup['num_samples']})",
-              "ms / image (one at a time, median)", f"peak memory, batch of {setup['num_samples']} (MiB)"]
+              "ms / image (one at a time, median)"]
     rows = [[r["preset"], f"{presets[r['preset']]['parameters']:,}", str(r["steps"]), fmt(r["scores"]["fid"], 1),
-             fmt(r["scores"]["kid"], 3), fmt(r["batch"]["ms_per_image"], 1), fmt(r["single"]["ms_per_image"], 1),
-             fmt(r["batch"]["peak_mib"], 1)] for r in payload["results"]]
-    memory_kind = payload["results"][0]["batch"]["memory"] if payload["results"] else ""
-    fresh = next(iter(presets.values()))["fresh_process"] if presets else {}
+             fmt(r["scores"]["kid"], 3), fmt(r["batch"]["ms_per_image"], 1), fmt(r["single"]["ms_per_image"], 1)]
+            for r in payload["results"]]
+    fresh = next(iter(presets.values()))["fresh_process"]["one_image"] if presets else {}
     lines = [
         "# Study: lightweight edge models", "",
         f"Each preset trained by a real Flower run ({payload['options']['sites']} sites, {payload['training_images']}"
@@ -330,10 +299,11 @@ def markdown(payload: dict[str, Any]) -> str:
         f"![FID and latency against DDIM steps]({PLOT})", "",
         "- epsilon: each preset's run has its own ledgers (`site-state/<preset>`): a site would deploy one of "
         "these models, and training all of them on the same images would compose their budgets.",
-        "- fresh process: a new Python process that imports torch and medfed's sampler, loads the TorchScript file "
-        f"and samples one image on the CPU; its peak resident set (after imports alone: "
-        f"{fresh.get('rss_after_imports_mib', 0):.0f} MiB). What an edge site must provide.",
-        f"- peak memory of a batch: {memory_kind}.",
+        "- peak memory: the peak resident set of a fresh Python process that imports torch and medfed's sampler, "
+        f"loads the TorchScript file and samples on the CPU ({min(payload['options']['step_counts'])} DDIM steps), "
+        f"one image, or the batch at `sample_images`' default batch size; after the imports alone a process holds "
+        f"{fresh.get('rss_after_imports_mib', 0):.0f} MiB. What an edge site must provide. On CUDA `study.json` also "
+        "has the allocator's peak per row.",
         "- latency: wall time per image after two warm-up calls of each batch shape (one at a time: the median over "
         f"{payload['options']['edge_images']} images); `study.json` also has the CPU time per image. On a shared "
         "machine wall times vary with the load.",
