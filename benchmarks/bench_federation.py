@@ -28,8 +28,10 @@ from medfed.federation.simulation import run_simulation
 SHARED = Path(os.environ.get("MEDFED_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-def measure(sites: int, images_per_site: int, preset: str, out: Path, extra: dict | None = None) -> dict:
-    name = f"sites-{sites}"
+def measure(sites: int, images_per_site: int, preset: str, out: Path, extra: dict | None = None,
+            name: str | None = None) -> dict:
+    """One real simulated run of 2 rounds (defaults: DP-SGD and SecAgg+ on); round times, memory, bytes."""
+    name = name or f"sites-{sites}"
     cfg = from_flat({"data.dataset": "npz", "data.path": str(SHARED / "mnist" / "mnist.npz"),
                      "data.limit": sites * images_per_site, "model.preset": preset, "federation.num-sites": sites,
                      "federation.rounds": 2, "federation.sample-every": 0, "train.batch-size": 64,
@@ -56,6 +58,7 @@ def measure(sites: int, images_per_site: int, preset: str, out: Path, extra: dic
     total = time.perf_counter() - start
     rounds = [r for r in run.read_metrics() if "round" in r]
     return {"sites": sites, "images_per_site": images_per_site, "preset": preset,
+            "privacy": cfg.privacy.enabled, "secure_aggregation": cfg.secagg.enabled,
             "round_wall_s": [r["wall_s"] for r in rounds], "steady_round_wall_s": rounds[-1]["wall_s"],
             "sites_participating_last_round": len(rounds[-1]["sites_participating"]),
             "run_wall_s": total, "peak_memory_gib": peak[0] / 2**30,
@@ -66,15 +69,26 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 and 10 sites, 64 images each")
     parser.add_argument("--sites", default="", help="comma-separated site counts (default 3,10,30,50)")
+    parser.add_argument("--secagg-compare", action="store_true",
+                        help="also run each setting of up to 30 sites without SecAgg+ and write results/secagg.json "
+                             "(what bench_secagg.py measures, reusing these runs)")
     args = parser.parse_args()
     counts = [int(s) for s in args.sites.split(",") if s] or ([3, 10] if args.quick else [3, 10, 30, 50])
     images = 64 if args.quick else 200
-    rows = []
+    rows, comparisons = [], []
     with tempfile.TemporaryDirectory(prefix="medfed-bench-fed-") as tmp:
         for sites in counts:
             row = measure(sites, images, "tiny", Path(tmp))
             print(row, flush=True)
             rows.append(row)
+            if args.secagg_compare and sites <= 30:
+                from bench_secagg import compare
+
+                comparisons.append(compare(sites, images, Path(tmp), secure_row=row))
+    if comparisons:
+        from bench_secagg import write
+
+        write(comparisons, args.quick)
     goal = next((r for r in rows if r["sites"] == 50), None)
     write_results("federation", {
         "rows": rows,

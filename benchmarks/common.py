@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -14,26 +12,9 @@ from typing import Any
 
 import torch
 
+from medfed.devices import describe_machine
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine() -> dict[str, Any]:
-    """Where a number was measured: CPU count, torch threads, load average, device, versions."""
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_1m": os.getloadavg()[0],
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                            text=True, cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        pass
-    return info
 
 
 def peak_rss_mib() -> float:
@@ -74,7 +55,7 @@ def write_results(name: str, results: dict[str, Any]) -> Path:
     """Write ``results/<name>.json`` with the command line and machine context."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "command": " ".join([Path(sys.executable).name, *sys.argv]),
-               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(), **results}
+               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": describe_machine(), **results}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(json.dumps(payload, indent=2))

@@ -47,7 +47,9 @@ def test_three_sites_with_three_formats_train_one_global_model(three_format_run)
 def test_no_dicom_header_value_leaves_the_site(three_format_run):
     run, secrets, _, sent, cfg = three_format_run
     replies = sorted(sent.glob("*.pb"))
-    assert len(replies) == 3  # what each site sent, byte for byte
+    # what each site sent, byte for byte: its example count, then the four SecAgg+ stages of round 1
+    per_site = [len(list(sent.glob(f"*-site{i}-*.pb"))) for i in range(3)]
+    assert per_site == [5, 5, 5]
     outputs = [p for p in run.root.rglob("*") if p.is_file()]
     assert any(p.suffix == ".log" and p.stat().st_size for p in outputs)  # Flower's logs were searched too
     assert find_leaks(replies + outputs, secrets) == []

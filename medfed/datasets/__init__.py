@@ -2,48 +2,22 @@
 site's own folders of PNG/JPEG, DICOM or NIfTI files (:mod:`medfed.datasets.medical`).
 
 Every loader returns an :class:`ImageDataset` of (C, H, W) float images in [-1, 1] with integer labels.
+
+Names are loaded on first use, so ``import medfed.datasets.cli`` (and ``medfed --help``) does not import torch.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import importlib
+from typing import Any
 
-from medfed.config import DataConfig
-from medfed.datasets import medical, sources
-from medfed.datasets.core import NO_LABEL, ImageDataset, convert_channels, from_uint8, resize
-from medfed.errors import ConfigError
+_HOME = {"DATASETS": "loading", "load_dataset": "loading", "NO_LABEL": "core", "ImageDataset": "core",
+         "convert_channels": "core", "from_uint8": "core", "resize": "core"}
 
-DATASETS = ("embedded-mnist", "mnist", "fashion-mnist", "cifar10", "svhn", "npz", "idx", "folder", "dicom", "nifti")
-
-
-def load_dataset(cfg: DataConfig, seed: int = 0) -> ImageDataset:
-    """Load, convert channels, resize and (optionally) subsample the dataset ``cfg`` describes.
-
-    Raises:
-        DatasetError: missing path, unreadable file or malformed arrays, naming the path.
-        ConfigError: unknown dataset name or split.
-    """
-    if cfg.split not in sources.SPLITS:
-        raise ConfigError(f"config key 'data.split': '{cfg.split}' is not one of {', '.join(sources.SPLITS)}")
-    name = cfg.dataset
-    if name == "embedded-mnist":
-        ds = sources.load_embedded_mnist(cfg.split)
-    elif name in ("mnist", "fashion-mnist", "cifar10", "svhn"):
-        ds = sources.load_torchvision(name, cfg.path, cfg.split, cfg.download)
-    elif name == "npz":
-        ds = sources.load_npz(cfg.path, cfg.split)
-    elif name == "idx":
-        ds = sources.load_idx(cfg.path, cfg.split)
-    elif name in medical.FORMATS:  # folder (PNG/JPEG), dicom, nifti: a hospital site's own files
-        ds = medical.load_site_folder(cfg, name)
-    else:
-        raise ConfigError(f"config key 'data.dataset': unknown dataset '{name}' (choose from {', '.join(DATASETS)})")
-    images = resize(convert_channels(ds.images, cfg.channels), cfg.image_size)
-    ds = ImageDataset(images, ds.labels, ds.name)
-    if cfg.limit and cfg.limit < len(ds):
-        keep = np.sort(np.random.default_rng(seed).permutation(len(ds))[: cfg.limit])
-        ds = ds.subset(keep)
-    return ds
+__all__ = sorted(_HOME)
 
 
-__all__ = ["DATASETS", "NO_LABEL", "ImageDataset", "convert_channels", "from_uint8", "load_dataset", "resize"]
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        return getattr(importlib.import_module(f"medfed.datasets.{_HOME[name]}"), name)
+    raise AttributeError(f"module 'medfed.datasets' has no attribute '{name}'")

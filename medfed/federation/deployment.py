@@ -98,17 +98,20 @@ def run_status(session: ProcessSession, connection: str, run_id: int) -> dict:
 
 
 def wait_finished(session: ProcessSession, connection: str, run_id: int, timeout: float,
-                  on_tick: Callable[[], bool] | None = None, status_every: float = 15.0) -> dict:
+                  on_tick: Callable[[], bool] | None = None, status_every: float = 15.0,
+                  closing_every: float = 2.0) -> dict:
     """Wait until the run's status starts with ``finished``; returns its ``flwr ls`` entry.
 
     ``flwr ls`` starts a Python process, which is costly on small machines, so it is asked every
-    ``status_every`` seconds, or at once when ``on_tick`` (called every second) returns True.
+    ``status_every`` seconds; once ``on_tick`` (called every second) has returned True (the run has written its
+    last output and is shutting down), every ``closing_every`` seconds.
     """
     deadline = time.monotonic() + timeout
     last = 0.0
+    closing = False
     while True:
-        urgent = on_tick() if on_tick else False
-        if urgent or time.monotonic() - last > status_every:
+        closing = closing or (on_tick() if on_tick else False)
+        if time.monotonic() - last > (closing_every if closing else status_every):
             last = time.monotonic()
             status = run_status(session, connection, run_id)
             if str(status.get("status", "")).startswith("finished"):

@@ -37,6 +37,7 @@ from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.server import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
 from medfed.config import RunConfig
@@ -238,14 +239,53 @@ def ask_example_counts(grid: Grid, timeout: float) -> dict[int, int]:
     return counts
 
 
+class SetupDropoutSafeWorkflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, minus sites that left during setup, and keeping the failures of a halted round.
+
+    In flwr 1.42 a site that errors at the setup stage (a site refusing a round over its privacy cap) stays in
+    ``sampled_node_ids``: the unmask stage then asks the survivors for key shares of a site that never shared
+    any, they fail with ``KeyError`` and the round halts. Such a site holds no masks in anyone's vector, so it
+    is simply forgotten after setup. ``failures`` keeps the error replies when the workflow halts before
+    ``aggregate_fit`` (which otherwise is the only place Flower reports them).
+    """
+
+    failures: list[BaseException]
+    completed: bool = False
+
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        self.failures = state.failures
+        super().setup_stage(grid, context, state)
+        gone = state.sampled_node_ids - state.active_node_ids
+        state.sampled_node_ids = set(state.active_node_ids)
+        state.nid_to_neighbours = {nid: neighbours - gone for nid, neighbours in state.nid_to_neighbours.items()
+                                   if nid not in gone}
+        return self._check_threshold(state)
+
+    def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        self.completed = super().unmask_stage(grid, context, state)
+        return self.completed
+
+
+@dataclass
+class SecureRound:
+    """How one SecAgg+ round ran: its settings, and whether it got as far as aggregation."""
+
+    settings: SecAggSettings
+    completed: bool
+    halted_failures: list[BaseException]
+    """Error replies of a round that halted before aggregation (empty when it completed)."""
+
+
 def secure_fit_round(grid: Grid, context: LegacyContext, cfg: RunConfig, sampled: int,
-                     max_weight: float) -> SecAggSettings:
+                     max_weight: float) -> SecureRound:
     """Run one FedAvg round through SecAgg+ (the strategy's ``aggregate_fit`` sees only the unmasked sum)."""
     require_csprng()
     settings = settings_for(cfg, sampled, max_weight)
-    SecAggPlusWorkflow(num_shares=settings.num_shares, reconstruction_threshold=settings.reconstruction_threshold,
-                       max_weight=settings.max_weight, clipping_range=settings.clipping_range,
-                       quantization_range=settings.quantization_range, modulus_range=MODULUS_RANGE,
-                       timeout=settings.timeout)(WideningGrid(grid), context)
-    return settings
+    workflow = SetupDropoutSafeWorkflow(
+        num_shares=settings.num_shares, reconstruction_threshold=settings.reconstruction_threshold,
+        max_weight=settings.max_weight, clipping_range=settings.clipping_range,
+        quantization_range=settings.quantization_range, modulus_range=MODULUS_RANGE, timeout=settings.timeout)
+    workflow.failures = []
+    workflow(WideningGrid(grid), context)
+    return SecureRound(settings, workflow.completed, [] if workflow.completed else list(workflow.failures))
 

@@ -24,9 +24,9 @@ from medfed.config import RunConfig, from_flat
 from medfed.devices import resolve_device
 from medfed.errors import ConfigError
 from medfed.diffusion import sample_images
-from medfed.federation.secagg import SecAggSettings, ask_example_counts, secure_fit_round
+from medfed.federation.secagg import SecureRound, ask_example_counts, secure_fit_round
 from medfed.federation.site import federated_data_config
-from medfed.federation.strategy import DeltaFedAvg
+from medfed.federation.strategy import DeltaFedAvg, failure_reason
 from medfed.federation.weights import get_weights, set_weights
 from medfed.federation.workflow import MeteredGrid, plain_fit_round
 from medfed.images import save_grid
@@ -80,9 +80,10 @@ class FederatedRound:
         return self.max_weight
 
     def record(self, server_round: int, grid: MeteredGrid, wall_s: float,
-               secure: SecAggSettings | None = None) -> dict[str, Any]:
+               secure: SecureRound | None = None) -> dict[str, Any]:
         outcome = self.strategy.outcome
         if secure is not None:
+            outcome.failures.extend(failure_reason(failure) for failure in secure.halted_failures)
             largest = max((int(m["num-examples"]) for m in outcome.accepted.values()), default=0)
             self.max_weight = max(self.max_weight, float(largest))
         for node, metrics in outcome.accepted.items():
@@ -103,7 +104,7 @@ class FederatedRound:
             "epsilon": {name(n): m["epsilon"] for n, m in outcome.accepted.items() if "epsilon" in m},
             "cap_epsilon": {name(n): m["cap-epsilon"] for n, m in outcome.accepted.items() if "cap-epsilon" in m},
             "delta": {name(n): m["delta"] for n, m in outcome.accepted.items() if "delta" in m},
-            "secure_aggregation": secure.as_record() if secure else None,
+            "secure_aggregation": secure.settings.as_record() if secure else None,
             "secagg_clipped_values": {name(n): m["secagg-clipped-values"] for n, m in outcome.accepted.items()
                                       if "secagg-clipped-values" in m},
             "bytes_down": grid.bytes_down,
@@ -111,8 +112,9 @@ class FederatedRound:
             "wall_s": wall_s,
         }
         if not outcome.aggregated:
+            halted = secure is not None and not secure.completed
             record["skipped"] = ("secure aggregation halted: too few sites to unmask the sum (see failures)"
-                                 if secure else "no valid update arrived (see failures and rejected)")
+                                 if halted else "no valid update arrived (see failures and rejected)")
         self.run.append_metrics(record)
         set_weights(self.model, self.strategy.current)
         ckpt = Checkpoint(model=self.model.state_dict(), config=self.cfg, image_shape=self.image_shape,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from logging import WARNING
 
 import numpy as np
+from flwr.app import Error
 from flwr.common import FitIns, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager
@@ -42,6 +43,12 @@ def short_reason(text: str, limit: int = 300) -> str:
     prefix = text.split(":", 1)[0] if text.startswith("node ") else ""
     reason = f"{prefix}: {reason}" if prefix and not reason.startswith(prefix) else reason
     return reason[:limit]
+
+
+def failure_reason(failure: BaseException) -> str:
+    """``short_reason`` of a workflow failure; Flower's SecAgg+ workflow wraps error replies as ``Exception(Error)``."""
+    error = failure.args[0] if failure.args else None
+    return short_reason(error.reason if isinstance(error, Error) else str(failure))
 
 
 def validate_delta(delta: list[np.ndarray], reference: list[np.ndarray]) -> str | None:
@@ -111,7 +118,7 @@ class DeltaFedAvg(FedAvg):
                 self.outcome.rejected[proxy.node_id] = reason
         for failure in failures:
             if isinstance(failure, BaseException):
-                self.outcome.failures.append(short_reason(str(failure)))
+                self.outcome.failures.append(failure_reason(failure))
             else:
                 self.outcome.failures.append(f"node {failure[0].node_id}: {short_reason(failure[1].status.message)}")
         if not accepted:

@@ -108,11 +108,13 @@ def plain_fit_round(grid: Grid, context: LegacyContext, timeout: float) -> None:
     out = [Message(content=compat.fitins_to_recorddict(fitins, True), dst_node_id=proxy.node_id,
                    message_type=MessageType.TRAIN, group_id=str(current_round)) for proxy, fitins in instructions]
     replies = list(grid.send_and_receive(out, timeout=timeout))
+    # the SuperLink answers for an unreachable site itself (from its own node id): match replies by request
+    node_of_request = {m.metadata.message_id: m.metadata.dst_node_id for m in out if m.metadata.message_id}
     results: list[tuple[ClientProxy, FitRes]] = []
     failures: list[tuple[ClientProxy, FitRes] | BaseException] = []
     answered = set()
     for msg in replies:
-        node = msg.metadata.src_node_id
+        node = node_of_request.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
         answered.add(node)
         if not msg.has_content():
             failures.append(Exception(f"node {node}: {msg.error.reason}"))

@@ -6,6 +6,7 @@ Opacus' Poisson data loader really uses: ``q = 1 / len(DataLoader(data, batch_si
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ def batches_per_epoch(num_examples: int, batch_size: int) -> int:
     return max(1, math.ceil(num_examples / batch_size))
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function, and Opacus' search takes seconds at sample rates below 1
 def plan_noise(num_examples: int, batch_size: int, local_epochs: int, rounds: int, target_epsilon: float,
                delta: float, accountant: str) -> NoisePlan:
     """The smallest noise multiplier whose ``rounds x local_epochs x batches`` Poisson steps spend

@@ -18,8 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
-import subprocess
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -32,7 +30,7 @@ from rich.console import Console
 
 from medfed.config import DataConfig, RunConfig, from_dict, from_flat
 from medfed.datasets import ImageDataset, load_dataset
-from medfed.devices import resolve_device
+from medfed.devices import describe_machine, resolve_device
 from medfed.errors import ConfigError, MedfedError
 from medfed.evaluation.features import FeatureNetwork, FeatureSet, extract_features, load_feature_network
 from medfed.evaluation.metrics import compute_scores
@@ -133,33 +131,10 @@ def study_folder(name: str, out: str | Path | None) -> Path:
     return folder
 
 
-def machine() -> dict[str, Any]:
-    """Where the numbers were measured: the fields of ``benchmarks/common.py:machine()``, plus the load average
-    over 5 and 15 minutes (the machine may be shared)."""
-    load = os.getloadavg()
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_1m": load[0],
-        "load_average_5m": load[1],
-        "load_average_15m": load[2],
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                            cwd=Path(__file__).parent, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
-
-
 def study_header(name: str, options: Any, command: str) -> dict[str, Any]:
     """The opening fields of ``study.json``: what ran, where, with which options."""
     return {"study": name, "command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": machine(), "options": dataclasses.asdict(options), "complete": False}
+            "machine": describe_machine(), "options": dataclasses.asdict(options), "complete": False}
 
 
 def write_study(folder: Path, payload: Mapping[str, Any], markdown: str) -> None:

@@ -1,25 +1,33 @@
-"""Runs medfed's real ClientApp handler and saves each reply exactly as serialised for the wire (protobuf)."""
+"""Runs medfed's real ClientApp (its mods included) and saves every reply exactly as serialised for the wire.
+
+The recorder is the outermost mod, so what it saves is what leaves the site: with SecAgg+ on, the public keys,
+encrypted key shares, masked vector and unmasking shares of each stage.
+"""
 
 from pathlib import Path
 
-import flwr.compat.common.recorddict_compat as compat
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.serde import recorddict_to_proto
 
 from medfed.config import from_flat
 from medfed.federation import client_app as real
 
-app = ClientApp()
 
-
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    reply = real.train(msg, context)
+def wire_recorder(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    reply = call_next(msg, context)
+    if not reply.has_content():
+        return reply
     cfg = from_flat(context.run_config)
-    server_round = compat.recorddict_to_fitins(msg.content, keep_input=True).config["round"]
     out = Path(cfg.output.dir) / f"{cfg.output.name}-sent"
     out.mkdir(parents=True, exist_ok=True)
     site = context.node_config["partition-id"]
-    (out / f"round{server_round}-site{site}.pb").write_bytes(recorddict_to_proto(reply.content).SerializeToString())
+    name = f"round{msg.metadata.group_id}-site{site}-{msg.metadata.message_id[:12]}.pb"
+    (out / name).write_bytes(recorddict_to_proto(reply.content).SerializeToString())
     return reply
+
+
+app = ClientApp()
+app.query(mods=[wire_recorder])(real.query)
+app.train(mods=[wire_recorder, *real.TRAIN_MODS])(real.train)
