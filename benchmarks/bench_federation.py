@@ -6,7 +6,7 @@ Peak memory is the largest sum of proportional set sizes (PSS: shared pages spli
 share them), sampled every 0.5 s, over every process of the run (SuperLink, simulation process, Ray) plus this
 process.
 
-Usage: python benchmarks/bench_federation.py [--quick] [--sites 3,10,30,50] [--secagg-compare]
+Usage: python benchmarks/bench_federation.py [--quick] [--sites 3,10,30,50] [--secagg-compare] [--per-sample-chunk N]
 """
 
 from __future__ import annotations
@@ -29,13 +29,15 @@ SHARED = Path(os.environ.get("MEDFED_SHARED_DATA", Path(__file__).resolve().pare
 
 
 def measure(sites: int, images_per_site: int, preset: str, out: Path, extra: dict | None = None,
-            name: str | None = None) -> dict:
+            name: str | None = None, per_sample_chunk: int = 0) -> dict:
     """One real simulated run of 2 rounds (defaults: DP-SGD and SecAgg+ on); round times, memory, bytes."""
     name = name or f"sites-{sites}"
+    out = out / name  # each run its own sites' state (privacy ledgers): no run spends another's budget
     cfg = from_flat({"data.dataset": "npz", "data.path": str(SHARED / "mnist" / "mnist.npz"),
                      "data.limit": sites * images_per_site, "model.preset": preset, "federation.num-sites": sites,
                      "federation.rounds": 2, "federation.sample-every": 0, "train.batch-size": 64,
                      "train.num-samples": 4, "diffusion.sample-steps": 4, "train.device": "cpu",
+                     "privacy.per-sample-chunk": per_sample_chunk,
                      "output.dir": str(out), "output.name": name, **(extra or {})})
     flwr_home = out / name / "flower" / "home"
     peak = [0]
@@ -57,8 +59,12 @@ def measure(sites: int, images_per_site: int, preset: str, out: Path, extra: dic
         watcher.join()
     total = time.perf_counter() - start
     rounds = [r for r in run.read_metrics() if "round" in r]
+    if len(rounds[-1]["sites_participating"]) != sites:
+        raise RuntimeError(f"{name}: only {len(rounds[-1]['sites_participating'])} of {sites} sites took part in "
+                           f"the last round: {rounds[-1]['failures'][:3]}")
     return {"sites": sites, "images_per_site": images_per_site, "preset": preset,
             "privacy": cfg.privacy.enabled, "secure_aggregation": cfg.secagg.enabled,
+            "per_sample_chunk": cfg.privacy.per_sample_chunk,
             "round_wall_s": [r["wall_s"] for r in rounds], "steady_round_wall_s": rounds[-1]["wall_s"],
             "sites_participating_last_round": len(rounds[-1]["sites_participating"]),
             "run_wall_s": total, "peak_memory_gib": peak[0] / 2**30,
@@ -72,13 +78,16 @@ def main() -> int:
     parser.add_argument("--secagg-compare", action="store_true",
                         help="also run each setting of up to 30 sites without SecAgg+ and write results/secagg.json "
                              "(what bench_secagg.py measures, reusing these runs)")
+    parser.add_argument("--per-sample-chunk", type=int, default=0,
+                        help="privacy.per-sample-chunk of every run (0 = whole batch, medfed's default; 16 bounds "
+                             "the memory of sites training at batch 64)")
     args = parser.parse_args()
     counts = [int(s) for s in args.sites.split(",") if s] or ([3, 10] if args.quick else [3, 10, 30, 50])
     images = 64 if args.quick else 200
     rows, comparisons = [], []
     with tempfile.TemporaryDirectory(prefix="medfed-bench-fed-") as tmp:
         for sites in counts:
-            row = measure(sites, images, "tiny", Path(tmp))
+            row = measure(sites, images, "tiny", Path(tmp), per_sample_chunk=args.per_sample_chunk)
             print(row, flush=True)
             rows.append(row)
             if args.secagg_compare and sites <= 30:

@@ -3,7 +3,7 @@
 The full DDPM epsilon-prediction step of the ``tiny`` UNet at batch 64 (AdamW, clipping norm 1, noise 1), on
 28x28x1 and 32x32x3. Engines: Opacus ``hooks``, Opacus ``functorch`` (per-layer vmap inside the hooks), Opacus
 ``ghost`` (fast gradient clipping) and medfed's ``vmap`` (whole-model ``torch.func`` per-sample gradients with
-Opacus' ``no_op`` mode, what medfed trains with). Each (engine, shape) runs in its own process, so peak memory
+Opacus' ``no_op`` mode, in chunks of ``privacy.per-sample-chunk`` images: what medfed trains with). Each (engine, shape) runs in its own process, so peak memory
 is its own; the list of processes is run ``--repeats`` times in interleaved order and the median taken, so
 machine load affects every engine alike. Fixed-size batches are used for timing only (training uses Poisson).
 
@@ -32,7 +32,7 @@ def child(engine: str, shape_name: str, steps: int, batch: int) -> dict:
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from medfed.config import DiffusionConfig
+    from medfed.config import DiffusionConfig, PrivacyConfig
     from medfed.diffusion import make_scheduler, per_sample_loss
     from medfed.models import build_unet
     from medfed.privacy.dp_sgd import draw_noisy_inputs, per_sample_grads
@@ -70,7 +70,7 @@ def child(engine: str, shape_name: str, steps: int, batch: int) -> dict:
             dp_opt.zero_grad(set_to_none=True)
             x_t, t, eps = draw_noisy_inputs(scheduler, x0, 1, None)
             if engine == "vmap":
-                grads, _ = per_sample_grads(model, x_t, t, eps)
+                grads, _ = per_sample_grads(model, x_t, t, eps, PrivacyConfig().per_sample_chunk)
                 for name, p in model.named_parameters():
                     p.grad_sample = grads[name]
             elif engine == "ghost":

@@ -23,10 +23,11 @@ from common import write_results
 def compare(sites: int, images: int, out: Path, secure_row: dict | None = None) -> dict:
     """Both arms for ``sites`` (``secure_row``: an already measured SecAgg+ arm of the same setting)."""
     arms = {True: secure_row} if secure_row else {}
+    chunk = secure_row["per_sample_chunk"] if secure_row else 0
     for secure in (False, True) if sites % 2 else (True, False):
         if secure not in arms:
             arms[secure] = measure(sites, images, "tiny", out, {"secagg.enabled": secure},
-                                   name=f"sites-{sites}-secagg-{secure}")
+                                   name=f"sites-{sites}-secagg-{secure}", per_sample_chunk=chunk)
             print(arms[secure], flush=True)
     plain, secure = arms[False], arms[True]
     return {"sites": sites, "images_per_site": images, "round_s_plain": plain["steady_round_wall_s"],

@@ -211,6 +211,10 @@ class PrivacyConfig:
     """K noise draws per image averaged before clipping (DPDM); costs about K times the compute."""
     per_sample_grads: str = "vmap"
     """Per-sample gradient engine: ``vmap`` (whole-model torch.func, fastest) or ``hooks`` (Opacus hooks)."""
+    per_sample_chunk: int = 0
+    """``vmap`` engine: images whose gradients are computed at once; 0 = the whole batch (fastest). 16 cuts a
+    ``tiny`` site's peak memory at batch 64 by about a third, at about 2x the step time. Never changes the
+    gradients."""
     site_cap_epsilon: str = "10"
     """Simulation only: each simulated site's cap, one value for all or comma-separated per site. Deployed sites
     set ``privacy-cap-epsilon`` in their own node config."""
@@ -411,6 +415,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.privacy.noise_multiplicity >= 1, "privacy.noise-multiplicity", "must be >= 1"),
         (cfg.privacy.per_sample_grads in ("vmap", "hooks"), "privacy.per-sample-grads",
          "must be 'vmap' or 'hooks'"),
+        (cfg.privacy.per_sample_chunk >= 0, "privacy.per-sample-chunk", "must be >= 0 (0 = the whole batch)"),
         (cfg.secagg.num_shares == 0 or cfg.secagg.num_shares >= 2, "secagg.num-shares", "must be 0 (auto) or >= 2"),
         (cfg.secagg.reconstruction_threshold >= 0, "secagg.reconstruction-threshold", "must be >= 0"),
         (cfg.secagg.clipping_range > 0, "secagg.clipping-range", "must be > 0"),

@@ -115,7 +115,7 @@ def test_per_sample_gradients_with_noise_multiplicity_match_a_loop(engine):
                                     torch.Generator().manual_seed(1))
     expected = brute_force_grads(model, x_t, t, eps)
     if engine == "vmap":
-        grads, _ = per_sample_grads(model, x_t, t, eps)
+        grads, _ = per_sample_grads(model, x_t, t, eps, chunk_size=2)  # chunks of 2, 2 and 1 images
     else:
         gsm = GradSampleModule(model)
         loss = torch.stack([(gsm(x_t[:, k], t[:, k]) - eps[:, k]).pow(2).flatten(1).mean(1) for k in range(3)],

@@ -249,7 +249,7 @@ def train_site_privately(model: nn.Module, cfg: RunConfig, site: Site, server_ro
     done = train_private(model, site.data, plan, batch_size=batch_size, lr=cfg.train.lr,
                          local_epochs=cfg.federation.local_epochs, max_grad_norm=p.max_grad_norm,
                          noise_multiplicity=p.noise_multiplicity, engine=p.per_sample_grads,
-                         scheduler=make_scheduler(cfg.diffusion), device=device)
+                         scheduler=make_scheduler(cfg.diffusion), device=device, chunk_size=p.per_sample_chunk)
     if (done.noise_multiplier, done.sample_rate, done.steps) != (plan.noise_multiplier, plan.sample_rate,
                                                                  plan.steps_per_round):
         raise RuntimeError(f"site {site.name}: Opacus recorded {done} but the ledger committed {plan}")

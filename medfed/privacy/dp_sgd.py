@@ -61,13 +61,14 @@ def draw_noisy_inputs(scheduler: DDPMScheduler, x0: torch.Tensor, draws: int,
     return x_t.view_as(eps), t, eps
 
 
-def per_sample_grads(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
-                     eps: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def per_sample_grads(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                     chunk_size: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Whole-model per-sample gradients of each image's loss (mean over its K draws and pixels).
 
     Args:
         model: the plain (unwrapped) UNet.
         x_t, t, eps: from :func:`draw_noisy_inputs`.
+        chunk_size: images per ``vmap`` chunk (peak activation memory scales with it); 0 = all at once.
 
     Returns:
         ``{parameter name: (B, *parameter shape)}`` gradients and the (B,) losses.
@@ -78,7 +79,8 @@ def per_sample_grads(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
                     eps_i: torch.Tensor) -> torch.Tensor:
         return (functional_call(model, p, (xt_i, t_i)) - eps_i).pow(2).mean()
 
-    grads, losses = vmap(grad_and_value(loss_of_one), in_dims=(None, 0, 0, 0))(params, x_t, t, eps)
+    grads, losses = vmap(grad_and_value(loss_of_one), in_dims=(None, 0, 0, 0),
+                         chunk_size=chunk_size or None)(params, x_t, t, eps)
     return grads, losses
 
 
@@ -88,7 +90,7 @@ def os_entropy_generator(device: torch.device) -> torch.Generator:
 
 def train_private(model: nn.Module, data: ImageDataset, plan: NoisePlan, *, batch_size: int, lr: float,
                   local_epochs: int, max_grad_norm: float, noise_multiplicity: int, engine: str,
-                  scheduler: DDPMScheduler, device: torch.device,
+                  scheduler: DDPMScheduler, device: torch.device, chunk_size: int = 0,
                   on_step: Callable[[float], None] | None = None) -> PrivateTraining:
     """Train ``model`` in place for ``local_epochs`` with DP-SGD at ``plan.noise_multiplier``.
 
@@ -124,7 +126,7 @@ def train_private(model: nn.Module, data: ImageDataset, plan: NoisePlan, *, batc
                     continue
                 x_t, t, eps = draw_noisy_inputs(scheduler, x0, noise_multiplicity, draws_rng)
                 if engine == "vmap":
-                    grads, batch_losses = per_sample_grads(model, x_t, t, eps)
+                    grads, batch_losses = per_sample_grads(model, x_t, t, eps, chunk_size)
                     for name, p in model.named_parameters():
                         p.grad_sample = grads[name]
                     loss = batch_losses.mean()
