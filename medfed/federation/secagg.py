@@ -26,7 +26,7 @@ import importlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
@@ -249,12 +249,14 @@ class SetupDropoutSafeWorkflow(SecAggPlusWorkflow):
     ``aggregate_fit`` (which otherwise is the only place Flower reports them).
     """
 
-    failures: list[BaseException]
-    completed: bool = False
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.failures: list[BaseException] = []
+        self.completed = False
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         self.failures = state.failures
-        super().setup_stage(grid, context, state)
+        super().setup_stage(grid, context, state)  # its threshold check still counts the departed sites
         gone = state.sampled_node_ids - state.active_node_ids
         state.sampled_node_ids = set(state.active_node_ids)
         state.nid_to_neighbours = {nid: neighbours - gone for nid, neighbours in state.nid_to_neighbours.items()
@@ -285,7 +287,6 @@ def secure_fit_round(grid: Grid, context: LegacyContext, cfg: RunConfig, sampled
         num_shares=settings.num_shares, reconstruction_threshold=settings.reconstruction_threshold,
         max_weight=settings.max_weight, clipping_range=settings.clipping_range,
         quantization_range=settings.quantization_range, modulus_range=MODULUS_RANGE, timeout=settings.timeout)
-    workflow.failures = []
     workflow(WideningGrid(grid), context)
     return SecureRound(settings, workflow.completed, [] if workflow.completed else list(workflow.failures))
 
