@@ -156,12 +156,10 @@ def run_clients_study(options: ClientsOptions, out: str | Path | None = None, co
             scores = scorer.score(reference, sample_checkpoint(run.latest_checkpoint, setup, device, show_progress))
             payload["results"].append(setting_record(s, options, used, run, shards, scores, scorer.name, {
                 "federated": trained_s, "total": time.perf_counter() - t0}, meter.cpu_s - c0))
-            payload.update(wall_s=time.perf_counter() - start, cpu_s=meter.cpu_s)
+            write_study(folder, payload, markdown, start, meter)
             plot(payload, folder / PLOT)
-            write_study(folder, payload, markdown(payload))
         payload["complete"] = True
-    payload.update(wall_s=time.perf_counter() - start, cpu_s=meter.cpu_s)
-    write_study(folder, payload, markdown(payload))
+    write_study(folder, payload, markdown, start, meter)
     return folder
 
 

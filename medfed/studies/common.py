@@ -20,7 +20,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,9 +137,13 @@ def study_header(name: str, options: Any, command: str) -> dict[str, Any]:
             "machine": describe_machine(), "options": dataclasses.asdict(options), "complete": False}
 
 
-def write_study(folder: Path, payload: Mapping[str, Any], markdown: str) -> None:
-    """Write ``study.json`` and ``report.md`` (each replaced atomically)."""
-    for name, text in ((STUDY_FILE, json.dumps(payload, indent=2, default=str) + "\n"), (REPORT_FILE, markdown)):
+def write_study(folder: Path, payload: dict[str, Any], markdown: Callable[[dict[str, Any]], str], start: float,
+                meter: CpuMeter) -> None:
+    """Stamp the study's wall time since ``start`` (``time.perf_counter``) and CPU time so far into ``payload``,
+    then write ``study.json`` and ``report.md`` (``markdown(payload)``), each replaced atomically."""
+    payload.update(wall_s=time.perf_counter() - start, cpu_s=meter.cpu_s)
+    for name, text in ((STUDY_FILE, json.dumps(payload, indent=2, default=str) + "\n"),
+                       (REPORT_FILE, markdown(payload))):
         tmp = folder / f".{name}.tmp"
         tmp.write_text(text)
         os.replace(tmp, folder / name)

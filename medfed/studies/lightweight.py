@@ -240,12 +240,10 @@ def run_lightweight_study(options: LightweightOptions, out: str | Path | None = 
                                "ms_per_image": 1000 * float(np.median([t.wall_s for t in single])),
                                "cpu_ms_per_image": 1000 * float(np.median([t.cpu_s for t in single])),
                                "ms_each": [1000 * t.wall_s for t in single]}})
-                payload.update(wall_s=time.perf_counter() - start, cpu_s=meter.cpu_s)
+                write_study(folder, payload, markdown, start, meter)
                 plot(payload, folder / PLOT)
-                write_study(folder, payload, markdown(payload))
         payload["complete"] = True
-    payload.update(wall_s=time.perf_counter() - start, cpu_s=meter.cpu_s)
-    write_study(folder, payload, markdown(payload))
+    write_study(folder, payload, markdown, start, meter)
     return folder
 
 

@@ -254,12 +254,10 @@ def run_personalization_study(options: PersonalizationOptions, out: str | Path |
                 "site": site.name, "train_images": len(site.data), "test_images": len(site_test),
                 "train_class_mix": class_mix(site.data.labels), "test_class_mix": class_mix(site_test.labels),
                 "feature_network": scorer.name, "models": models, "wall_s": time.perf_counter() - t1})
-            payload.update(wall_s=time.perf_counter() - start, cpu_s=meter.cpu_s)
+            write_study(folder, payload, markdown, start, meter)
             plot(payload, folder / PLOT)
-            write_study(folder, payload, markdown(payload))
         payload["complete"] = True
-    payload.update(wall_s=time.perf_counter() - start, cpu_s=meter.cpu_s)
-    write_study(folder, payload, markdown(payload))
+    write_study(folder, payload, markdown, start, meter)
     return folder
 
 
