@@ -1,7 +1,8 @@
 """Round wall time and peak memory against the number of simulated sites (Flower simulation engine).
 
 Each setting is a real ``medfed run``-equivalent simulation: ``tiny`` UNet, 200 MNIST images per site (IID),
-1 local epoch, batch 64, 2 rounds. The round time reported is round 2 (round 1 also pays Ray's start-up).
+1 local epoch, batch 64, 2 rounds. The round time reported is round 2 (round 1 also pays Ray's start-up; with
+more rounds, the mean of rounds 2 and later).
 Peak memory is the largest sum of proportional set sizes (PSS: shared pages split between the processes that
 share them), sampled every 0.5 s, over every process of the run (SuperLink, simulation process, Ray) plus this
 process.
@@ -29,13 +30,15 @@ SHARED = Path(os.environ.get("MEDFED_SHARED_DATA", Path(__file__).resolve().pare
 
 
 def measure(sites: int, images_per_site: int, preset: str, out: Path, extra: dict | None = None,
-            name: str | None = None, per_sample_chunk: int = 0) -> dict:
-    """One real simulated run of 2 rounds (defaults: DP-SGD and SecAgg+ on); round times, memory, bytes."""
+            name: str | None = None, per_sample_chunk: int = 0, rounds: int = 2) -> dict:
+    """One real simulated run (defaults: DP-SGD and SecAgg+ on); round times, memory, bytes.
+
+    ``steady_round_wall_s`` is the mean wall time of rounds 2..``rounds`` (round 1 also pays Ray's start-up)."""
     name = name or f"sites-{sites}"
     out = out / name  # each run its own sites' state (privacy ledgers): no run spends another's budget
     cfg = from_flat({"data.dataset": "npz", "data.path": str(SHARED / "mnist" / "mnist.npz"),
                      "data.limit": sites * images_per_site, "model.preset": preset, "federation.num-sites": sites,
-                     "federation.rounds": 2, "federation.sample-every": 0, "train.batch-size": 64,
+                     "federation.rounds": rounds, "federation.sample-every": 0, "train.batch-size": 64,
                      "train.num-samples": 4, "diffusion.sample-steps": 4, "train.device": "cpu",
                      "privacy.per-sample-chunk": per_sample_chunk,
                      "output.dir": str(out), "output.name": name, **(extra or {})})
@@ -58,17 +61,18 @@ def measure(sites: int, images_per_site: int, preset: str, out: Path, extra: dic
         stop.set()
         watcher.join()
     total = time.perf_counter() - start
-    rounds = [r for r in run.read_metrics() if "round" in r]
-    if len(rounds[-1]["sites_participating"]) != sites:
-        raise RuntimeError(f"{name}: only {len(rounds[-1]['sites_participating'])} of {sites} sites took part in "
-                           f"the last round: {rounds[-1]['failures'][:3]}")
+    records = [r for r in run.read_metrics() if "round" in r]
+    if len(records[-1]["sites_participating"]) != sites:
+        raise RuntimeError(f"{name}: only {len(records[-1]['sites_participating'])} of {sites} sites took part in "
+                           f"the last round: {records[-1]['failures'][:3]}")
     return {"sites": sites, "images_per_site": images_per_site, "preset": preset,
             "privacy": cfg.privacy.enabled, "secure_aggregation": cfg.secagg.enabled,
-            "per_sample_chunk": cfg.privacy.per_sample_chunk,
-            "round_wall_s": [r["wall_s"] for r in rounds], "steady_round_wall_s": rounds[-1]["wall_s"],
-            "sites_participating_last_round": len(rounds[-1]["sites_participating"]),
+            "per_sample_chunk": cfg.privacy.per_sample_chunk, "rounds": len(records),
+            "round_wall_s": [r["wall_s"] for r in records],
+            "steady_round_wall_s": sum(r["wall_s"] for r in records[1:]) / (len(records) - 1),
+            "sites_participating_last_round": len(records[-1]["sites_participating"]),
             "run_wall_s": total, "peak_memory_gib": peak[0] / 2**30,
-            "bytes_up_per_round": rounds[-1]["bytes_up"], "bytes_down_per_round": rounds[-1]["bytes_down"]}
+            "bytes_up_per_round": records[-1]["bytes_up"], "bytes_down_per_round": records[-1]["bytes_down"]}
 
 
 def main() -> int:

@@ -17,7 +17,9 @@ from medfed.diffusion import make_scheduler
 from medfed.models import build_unet
 from medfed.privacy.accounting import epsilon, plan_noise
 from medfed.privacy.budget import BudgetExceededError, PrivacyCap, commit_round, spent_epsilon
+from medfed.errors import ConfigError
 from medfed.privacy.dp_sgd import draw_noisy_inputs, per_sample_grads, train_private
+from medfed.privacy.layer_grads import check_supported, per_layer_grads
 from medfed.privacy.ledger import Ledger, LedgerTamperedError, site_ledger
 
 
@@ -105,7 +107,7 @@ def brute_force_grads(model, x_t, t, eps):
     return out
 
 
-@pytest.mark.parametrize("engine", ["vmap", "hooks"])
+@pytest.mark.parametrize("engine", ["layers", "vmap", "hooks"])
 def test_per_sample_gradients_with_noise_multiplicity_match_a_loop(engine):
     from opacus import GradSampleModule
 
@@ -114,7 +116,9 @@ def test_per_sample_gradients_with_noise_multiplicity_match_a_loop(engine):
     x_t, t, eps = draw_noisy_inputs(make_scheduler(DiffusionConfig()), data.images, 3,
                                     torch.Generator().manual_seed(1))
     expected = brute_force_grads(model, x_t, t, eps)
-    if engine == "vmap":
+    if engine == "layers":  # micro at 28x28: grouped convolutions at 28x28 and 14x14, im2col at 7x7 and 1x1
+        grads, _ = per_layer_grads(model, x_t, t, eps)
+    elif engine == "vmap":
         grads, _ = per_sample_grads(model, x_t, t, eps, chunk_size=2)  # chunks of 2, 2 and 1 images
     else:
         gsm = GradSampleModule(model)
@@ -123,10 +127,31 @@ def test_per_sample_gradients_with_noise_multiplicity_match_a_loop(engine):
         loss.backward()
         grads = {n: p.grad_sample for n, p in model.named_parameters()}
         gsm.cleanup()
+    assert set(grads) == {n for n, _ in model.named_parameters()}
     for name, g in grads.items():
         assert g.shape[0] == 5  # one row per image, not per draw
         want = torch.stack([e[name] for e in expected])
         torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6)
+
+
+def test_layers_engine_refuses_layers_it_cannot_handle():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4))
+    with pytest.raises(ConfigError, match=r"'1' \(BatchNorm2d\).*use 'vmap'"):
+        check_supported(model)
+    with pytest.raises(ConfigError, match="'0' has groups=2"):
+        check_supported(torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, groups=2)))
+    check_supported(perturbed_unet())
+
+    class Twice(torch.nn.Module):  # one layer used twice: its per-sample gradient would be split in two
+        def __init__(self):
+            super().__init__()
+            self.shared = torch.nn.Linear(4, 4)
+
+        def forward(self, x, t):
+            return self.shared(self.shared(x))
+
+    with pytest.raises(ValueError, match="once per forward pass"):
+        per_layer_grads(Twice(), torch.zeros(2, 1, 4), torch.zeros(2, 1), torch.zeros(2, 1, 4))
 
 
 def test_clipped_per_sample_gradients_never_exceed_the_norm():
@@ -137,7 +162,7 @@ def test_clipped_per_sample_gradients_never_exceed_the_norm():
     data = load_dataset(DataConfig(dataset="embedded-mnist", limit=12))
     x_t, t, eps = draw_noisy_inputs(make_scheduler(DiffusionConfig()), data.images, 2,
                                     torch.Generator().manual_seed(2))
-    grads, _ = per_sample_grads(model, x_t, t, eps)
+    grads, _ = per_layer_grads(model, x_t, t, eps)  # the default engine
     norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], 1).norm(dim=1)
     clip = float(norms.median())  # half the images are above the norm, so clipping really acts
     optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=clip,
@@ -170,7 +195,7 @@ def test_tiny_datasets_and_empty_poisson_batches(n, batch):
     for _ in range(6):  # with n=2, batch=1 (q=0.5) an empty batch has probability 1/4 per step
         model = build_unet("micro", 1)
         done = train_private(model, data, plan, batch_size=batch, lr=1e-3, local_epochs=6, max_grad_norm=1.0,
-                             noise_multiplicity=1, engine="vmap", scheduler=make_scheduler(DiffusionConfig()),
+                             noise_multiplicity=1, engine="layers", scheduler=make_scheduler(DiffusionConfig()),
                              device=torch.device("cpu"))
         assert done.steps == plan.steps_per_round == 6 * (1 if n <= batch else n // batch)
         assert all(np.isfinite(v).all() for v in (p.detach().numpy() for p in model.parameters()))

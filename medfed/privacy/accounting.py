@@ -68,8 +68,13 @@ def plan_noise(num_examples: int, batch_size: int, local_epochs: int, rounds: in
 
 def epsilon(history: Sequence[Step], delta: float, accountant: str) -> float:
     """Epsilon at ``delta`` after all steps of ``history`` (0 for an empty history)."""
+    return _epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), delta, accountant)
+
+
+@functools.lru_cache(maxsize=1024)  # pure; a site's gate asks the same question at SecAgg+ setup and in training
+def _epsilon(history: tuple[Step, ...], delta: float, accountant: str) -> float:
     if not history:
         return 0.0
     acc = create_accountant(accountant)
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    acc.history = list(history)
     return float(acc.get_epsilon(delta=delta))

@@ -2,13 +2,16 @@
 
 Opacus owns the privacy mechanism: Poisson sampling (``DPDataLoader``), per-sample clipping and Gaussian noise
 (``DPOptimizer``) and the step count (its accountant hook). medfed only supplies per-sample gradients, with one of
-two engines:
+three engines:
 
-``vmap`` (default, fastest on CPU)
-    Whole-model per-sample gradients with ``torch.func`` (``vmap(grad_and_value(loss of one image))``), handed to
-    Opacus through ``grad_sample_mode="no_op"``.
+``layers`` (default, fastest on CPU)
+    Per-layer per-sample gradients from each layer's input and output gradient, after one backward pass that skips
+    the weight gradients (:mod:`medfed.privacy.layer_grads`); handed to Opacus through ``grad_sample_mode="no_op"``.
+``vmap``
+    Whole-model per-sample gradients with ``torch.func`` (``vmap(grad_and_value(loss of one image))``), also
+    ``no_op``; works for any layer type, and in chunks of images to save memory.
 ``hooks``
-    Opacus' own per-layer hooks (less memory for large models).
+    Opacus' own per-layer hooks.
 
 Noise multiplicity K (DPDM): each image's loss is the mean over K independent (t, eps) draws, and that mean is
 clipped once, so the sensitivity stays the clipping norm. (Feeding K copies as separate samples would clip each
@@ -35,8 +38,9 @@ from torch.utils.data import DataLoader
 from medfed.datasets import ImageDataset
 from medfed.errors import ConfigError
 from medfed.privacy.accounting import NoisePlan
+from medfed.privacy.layer_grads import check_supported, per_layer_grads
 
-ENGINES = ("vmap", "hooks")
+ENGINES = ("layers", "vmap", "hooks")
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,8 @@ def train_private(model: nn.Module, data: ImageDataset, plan: NoisePlan, *, batc
     """
     if engine not in ENGINES:
         raise ConfigError(f"config key 'privacy.per-sample-grads': '{engine}' is not one of {', '.join(ENGINES)}")
+    if engine == "layers":
+        check_supported(model)
     loader = DataLoader(data, batch_size=batch_size)
     if abs(1.0 / len(loader) - plan.sample_rate) > 1e-12:
         raise ValueError(f"noise plan sample rate {plan.sample_rate} does not match the loader's {1 / len(loader)}")
@@ -110,7 +116,7 @@ def train_private(model: nn.Module, data: ImageDataset, plan: NoisePlan, *, batc
         private_model, dp_optimizer, dp_loader = engine_.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
             max_grad_norm=max_grad_norm, poisson_sampling=True, noise_generator=os_entropy_generator(device),
-            grad_sample_mode="no_op" if engine == "vmap" else "hooks")
+            grad_sample_mode="hooks" if engine == "hooks" else "no_op")
         draws_rng = torch.Generator(device=device).manual_seed(secrets.randbits(63))
         losses: list[float] = []
         empty = 0
@@ -125,8 +131,9 @@ def train_private(model: nn.Module, data: ImageDataset, plan: NoisePlan, *, batc
                     dp_optimizer.step()
                     continue
                 x_t, t, eps = draw_noisy_inputs(scheduler, x0, noise_multiplicity, draws_rng)
-                if engine == "vmap":
-                    grads, batch_losses = per_sample_grads(model, x_t, t, eps, chunk_size)
+                if engine != "hooks":
+                    grads, batch_losses = (per_layer_grads(model, x_t, t, eps) if engine == "layers"
+                                           else per_sample_grads(model, x_t, t, eps, chunk_size))
                     for name, p in model.named_parameters():
                         p.grad_sample = grads[name]
                     loss = batch_losses.mean()
