@@ -153,6 +153,17 @@ def test_layers_engine_refuses_layers_it_cannot_handle():
     with pytest.raises(ValueError, match="once per forward pass"):
         per_layer_grads(Twice(), torch.zeros(2, 1, 4), torch.zeros(2, 1), torch.zeros(2, 1, 4))
 
+    class InPlace(torch.nn.Module):  # a layer output changed in place afterwards (an inplace activation)
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+
+        def forward(self, x, t):
+            return torch.nn.functional.relu(self.linear(x), inplace=True)
+
+    with pytest.raises(ValueError, match="'linear' is modified in place"):
+        per_layer_grads(InPlace(), torch.ones(2, 1, 4), torch.zeros(2, 1), torch.zeros(2, 1, 4))
+
 
 def test_clipped_per_sample_gradients_never_exceed_the_norm():
     """Real model, real per-sample gradients, Opacus' own clipping."""
