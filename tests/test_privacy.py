@@ -161,7 +161,7 @@ def test_layers_engine_refuses_layers_it_cannot_handle():
         def forward(self, x, t):
             return torch.nn.functional.relu(self.linear(x), inplace=True)
 
-    with pytest.raises(ValueError, match="'linear' is modified in place"):
+    with pytest.raises(ValueError, match="of layer 'linear' is modified in place"):
         per_layer_grads(InPlace(), torch.ones(2, 1, 4), torch.zeros(2, 1), torch.zeros(2, 1, 4))
 
 

@@ -108,12 +108,12 @@ def per_layer_grads(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
     """
     images = x_t.shape[0]
     records: list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]] = []
-    versions: list[int] = []
+    versions: list[tuple[int, int]] = []
 
     def saver(name: str):
         def save(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             records.append((name, module, inputs[0].detach(), output))
-            versions.append(output._version)
+            versions.append((inputs[0]._version, output._version))
         return save
 
     handles = [m.register_forward_hook(saver(name)) for name, m in model.named_modules()
@@ -125,10 +125,10 @@ def per_layer_grads(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
             h.remove()
     if len({name for name, *_ in records}) != len(records):
         raise ValueError("per-sample-grads 'layers' needs every layer to run once per forward pass")
-    for (name, _, _, out), version in zip(records, versions, strict=True):
-        if out._version != version:  # a later in-place op: the gradient of the saved output would be another's
-            raise ValueError(f"per-sample-grads 'layers': the output of layer '{name}' is modified in place later in "
-                             "the forward pass; use 'vmap'")
+    for (name, _, a, out), version in zip(records, versions, strict=True):
+        if (a._version, out._version) != version:  # a later in-place op changed what the per-sample rule reads
+            raise ValueError(f"per-sample-grads 'layers': the input or output of layer '{name}' is modified in place "
+                             "later in the forward pass; use 'vmap'")
     losses = (pred - eps.flatten(0, 1)).pow(2).flatten(1).mean(1).view(images, -1).mean(1)
     output_grads = torch.autograd.grad(losses.sum(), [out for *_, out in records])
     grads: dict[str, torch.Tensor] = {}
