@@ -41,8 +41,7 @@ def make_step(engine: str, shape_name: str, batch: int) -> Callable[[], None]:
     from medfed.config import DiffusionConfig, PrivacyConfig
     from medfed.diffusion import make_scheduler, per_sample_loss
     from medfed.models import build_unet
-    from medfed.privacy.dp_sgd import draw_noisy_inputs, per_sample_grads
-    from medfed.privacy.layer_grads import per_layer_grads
+    from medfed.privacy.dp_sgd import attach_grad_samples, draw_noisy_inputs
 
     torch.manual_seed(0)
     shape = SHAPES[shape_name]
@@ -78,10 +77,7 @@ def make_step(engine: str, shape_name: str, batch: int) -> Callable[[], None]:
         dp_opt.zero_grad(set_to_none=True)
         x_t, t, eps = draw_noisy_inputs(scheduler, x0, 1, None)
         if engine in ("vmap", "layers"):
-            grads, _ = (per_layer_grads(model, x_t, t, eps) if engine == "layers"
-                        else per_sample_grads(model, x_t, t, eps, PrivacyConfig().per_sample_chunk))
-            for name, p in model.named_parameters():
-                p.grad_sample = grads[name]
+            attach_grad_samples(engine, model, x_t, t, eps, PrivacyConfig().per_sample_chunk)
         elif engine == "ghost":
             criterion(private(x_t[:, 0], t[:, 0]), eps[:, 0]).backward()
         else:

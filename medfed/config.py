@@ -193,6 +193,12 @@ class EvaluationConfig:
     """The memorization audit passes when at most this fraction of generated images are near-copies."""
 
 
+ACCOUNTANTS = ("rdp", "prv")
+"""Opacus accountants medfed plans and accounts with."""
+PER_SAMPLE_ENGINES = ("layers", "vmap", "hooks")
+"""Per-sample gradient engines of :func:`medfed.privacy.dp_sgd.train_private`."""
+
+
 @dataclass(frozen=True)
 class PrivacyConfig:
     """Sample-level differential privacy at every site (Opacus DP-SGD). On by default."""
@@ -412,10 +418,10 @@ def validate(cfg: RunConfig) -> None:
         (cfg.privacy.target_epsilon > 0, "privacy.target-epsilon", "must be > 0"),
         (0 < cfg.privacy.delta < 1, "privacy.delta", "must be in (0, 1)"),
         (cfg.privacy.max_grad_norm > 0, "privacy.max-grad-norm", "must be > 0"),
-        (cfg.privacy.accountant in ("rdp", "prv"), "privacy.accountant", "must be 'rdp' or 'prv'"),
+        (cfg.privacy.accountant in ACCOUNTANTS, "privacy.accountant", f"must be one of {', '.join(ACCOUNTANTS)}"),
         (cfg.privacy.noise_multiplicity >= 1, "privacy.noise-multiplicity", "must be >= 1"),
-        (cfg.privacy.per_sample_grads in ("layers", "vmap", "hooks"), "privacy.per-sample-grads",
-         "must be 'layers', 'vmap' or 'hooks'"),
+        (cfg.privacy.per_sample_grads in PER_SAMPLE_ENGINES, "privacy.per-sample-grads",
+         f"must be one of {', '.join(PER_SAMPLE_ENGINES)}"),
         (cfg.privacy.per_sample_chunk >= 0, "privacy.per-sample-chunk", "must be >= 0 (0 = the whole batch)"),
         (cfg.secagg.num_shares == 0 or cfg.secagg.num_shares >= 2, "secagg.num-shares", "must be 0 (auto) or >= 2"),
         (cfg.secagg.reconstruction_threshold >= 0, "secagg.reconstruction-threshold", "must be >= 0"),

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from medfed.config import ACCOUNTANTS
 from medfed.errors import ConfigError
 
-ACCOUNTANTS = ("rdp", "prv")
 Step = tuple[float, float, int]
 """One accountant history entry: (noise multiplier, sample rate, steps)."""
 

@@ -35,12 +35,12 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.utils.data import DataLoader
 
+from medfed.config import PER_SAMPLE_ENGINES
 from medfed.datasets import ImageDataset
 from medfed.errors import ConfigError
 from medfed.privacy.accounting import NoisePlan
 from medfed.privacy.layer_grads import check_supported, per_layer_grads
 
-ENGINES = ("layers", "vmap", "hooks")
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,17 @@ def per_sample_grads(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, eps: 
     return grads, losses
 
 
+def attach_grad_samples(engine: str, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                        chunk_size: int = 0) -> torch.Tensor:
+    """Compute per-sample gradients with ``engine`` (``layers`` or ``vmap``) and set them as each parameter's
+    ``grad_sample``, where Opacus' ``no_op`` mode reads them; returns the (B,) losses."""
+    grads, losses = (per_layer_grads(model, x_t, t, eps) if engine == "layers"
+                     else per_sample_grads(model, x_t, t, eps, chunk_size))
+    for name, p in model.named_parameters():
+        p.grad_sample = grads[name]
+    return losses
+
+
 def os_entropy_generator(device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
@@ -100,8 +111,9 @@ def train_private(model: nn.Module, data: ImageDataset, plan: NoisePlan, *, batc
 
     ``model`` must be the plain UNet in train mode; it stays plain (Opacus wraps a reference to it).
     """
-    if engine not in ENGINES:
-        raise ConfigError(f"config key 'privacy.per-sample-grads': '{engine}' is not one of {', '.join(ENGINES)}")
+    if engine not in PER_SAMPLE_ENGINES:
+        raise ConfigError(f"config key 'privacy.per-sample-grads': '{engine}' is not one of "
+                          f"{', '.join(PER_SAMPLE_ENGINES)}")
     if engine == "layers":
         check_supported(model)
     loader = DataLoader(data, batch_size=batch_size)
@@ -132,11 +144,7 @@ def train_private(model: nn.Module, data: ImageDataset, plan: NoisePlan, *, batc
                     continue
                 x_t, t, eps = draw_noisy_inputs(scheduler, x0, noise_multiplicity, draws_rng)
                 if engine != "hooks":
-                    grads, batch_losses = (per_layer_grads(model, x_t, t, eps) if engine == "layers"
-                                           else per_sample_grads(model, x_t, t, eps, chunk_size))
-                    for name, p in model.named_parameters():
-                        p.grad_sample = grads[name]
-                    loss = batch_losses.mean()
+                    loss = attach_grad_samples(engine, model, x_t, t, eps, chunk_size).mean()
                 else:
                     # K forwards of the same B images, one backward: Opacus sums the K contributions per image.
                     per_draw = [(private_model(x_t[:, k], t[:, k]) - eps[:, k]).pow(2).flatten(1).mean(1)

@@ -35,10 +35,14 @@ UNFOLD_MAX_POSITIONS = 64
 convolution: on CPU im2col is the faster of the two only for small maps (benchmarks/bench_privacy.py)."""
 
 
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters(recurse=False))
+
+
 def check_supported(model: nn.Module) -> None:
     """Raise :class:`ConfigError` naming the first parametrised layer this engine cannot handle."""
     for name, module in model.named_modules():
-        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+        if not _trainable(module):
             continue
         if type(module) not in SUPPORTED:
             raise ConfigError(f"config key 'privacy.per-sample-grads': 'layers' cannot handle layer '{name}' "
@@ -107,17 +111,15 @@ def per_layer_grads(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
         ``{parameter name: (B, *parameter shape)}`` gradients and the (B,) losses, as ``per_sample_grads``.
     """
     images = x_t.shape[0]
-    records: list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]] = []
-    versions: list[tuple[int, int]] = []
+    # (layer name, layer, input, output, (input, output) versions when saved)
+    records: list[tuple[str, nn.Module, torch.Tensor, torch.Tensor, tuple[int, int]]] = []
 
     def saver(name: str):
         def save(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            records.append((name, module, inputs[0].detach(), output))
-            versions.append((inputs[0]._version, output._version))
+            records.append((name, module, inputs[0].detach(), output, (inputs[0]._version, output._version)))
         return save
 
-    handles = [m.register_forward_hook(saver(name)) for name, m in model.named_modules()
-               if any(p.requires_grad for p in m.parameters(recurse=False))]
+    handles = [m.register_forward_hook(saver(name)) for name, m in model.named_modules() if _trainable(m)]
     try:
         pred = model(x_t.flatten(0, 1), t.flatten())
     finally:
@@ -125,14 +127,14 @@ def per_layer_grads(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
             h.remove()
     if len({name for name, *_ in records}) != len(records):
         raise ValueError("per-sample-grads 'layers' needs every layer to run once per forward pass")
-    for (name, _, a, out), version in zip(records, versions, strict=True):
+    for name, _, a, out, version in records:
         if (a._version, out._version) != version:  # a later in-place op changed what the per-sample rule reads
             raise ValueError(f"per-sample-grads 'layers': the input or output of layer '{name}' is modified in place "
                              "later in the forward pass; use 'vmap'")
     losses = (pred - eps.flatten(0, 1)).pow(2).flatten(1).mean(1).view(images, -1).mean(1)
-    output_grads = torch.autograd.grad(losses.sum(), [out for *_, out in records])
+    output_grads = torch.autograd.grad(losses.sum(), [out for _, _, _, out, _ in records])
     grads: dict[str, torch.Tensor] = {}
-    for (name, m, a, _), b in zip(records, output_grads, strict=True):
+    for (name, m, a, _, _), b in zip(records, output_grads, strict=True):
         for param, grad in _layer_grads(m, a, b, images).items():
             grads[f"{name}.{param}"] = grad
     return grads, losses.detach()
