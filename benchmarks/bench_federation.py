@@ -7,7 +7,7 @@ Peak memory is the largest sum of proportional set sizes (PSS: shared pages spli
 share them), sampled every 0.5 s, over every process of the run (SuperLink, simulation process, Ray) plus this
 process.
 
-Usage: python benchmarks/bench_federation.py [--quick] [--sites 3,10,30,50] [--secagg-compare] [--per-sample-chunk N]
+Usage: python benchmarks/bench_federation.py [--quick] [--sites 3,10,30,50] [--per-sample-chunk N]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from common import write_results
 
@@ -30,10 +31,11 @@ SHARED = Path(os.environ.get("MEDFED_SHARED_DATA", Path(__file__).resolve().pare
 
 
 def measure(sites: int, images_per_site: int, preset: str, out: Path, extra: dict | None = None,
-            name: str | None = None, per_sample_chunk: int = 0, rounds: int = 2) -> dict:
+            name: str | None = None, per_sample_chunk: int = 0, rounds: int = 2, **simulation: Any) -> dict:
     """One real simulated run (defaults: DP-SGD and SecAgg+ on); round times, memory, bytes.
 
-    ``steady_round_wall_s`` is the mean wall time of rounds 2..``rounds`` (round 1 also pays Ray's start-up)."""
+    ``steady_round_wall_s`` is the mean wall time of rounds 2..``rounds`` (round 1 also pays Ray's start-up).
+    ``simulation``: more arguments of ``run_simulation`` (another ServerApp, e.g.)."""
     name = name or f"sites-{sites}"
     out = out / name  # each run its own sites' state (privacy ledgers): no run spends another's budget
     cfg = from_flat({"data.dataset": "npz", "data.path": str(SHARED / "mnist" / "mnist.npz"),
@@ -56,7 +58,7 @@ def measure(sites: int, images_per_site: int, preset: str, out: Path, extra: dic
     watcher.start()
     start = time.perf_counter()
     try:
-        run = run_simulation(cfg, show_progress=False)
+        run = run_simulation(cfg, show_progress=False, **simulation)
     finally:
         stop.set()
         watcher.join()
@@ -69,6 +71,8 @@ def measure(sites: int, images_per_site: int, preset: str, out: Path, extra: dic
             "privacy": cfg.privacy.enabled, "secure_aggregation": cfg.secagg.enabled,
             "per_sample_chunk": cfg.privacy.per_sample_chunk, "rounds": len(records),
             "round_wall_s": [r["wall_s"] for r in records],
+            "round_secure": [r["secure_aggregation"] is not None for r in records],
+            "round_bytes_up": [r["bytes_up"] for r in records],
             "steady_round_wall_s": sum(r["wall_s"] for r in records[1:]) / (len(records) - 1),
             "sites_participating_last_round": len(records[-1]["sites_participating"]),
             "run_wall_s": total, "peak_memory_gib": peak[0] / 2**30,
@@ -79,29 +83,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 and 10 sites, 64 images each")
     parser.add_argument("--sites", default="", help="comma-separated site counts (default 3,10,30,50)")
-    parser.add_argument("--secagg-compare", action="store_true",
-                        help="also run each setting of up to 30 sites without SecAgg+ and write results/secagg.json "
-                             "(what bench_secagg.py measures, reusing these runs)")
     parser.add_argument("--per-sample-chunk", type=int, default=0,
                         help="privacy.per-sample-chunk of every run (0 = whole batch, medfed's default; 16 bounds "
                              "the memory of sites training at batch 64)")
     args = parser.parse_args()
     counts = [int(s) for s in args.sites.split(",") if s] or ([3, 10] if args.quick else [3, 10, 30, 50])
     images = 64 if args.quick else 200
-    rows, comparisons = [], []
+    rows = []
     with tempfile.TemporaryDirectory(prefix="medfed-bench-fed-") as tmp:
         for sites in counts:
             row = measure(sites, images, "tiny", Path(tmp), per_sample_chunk=args.per_sample_chunk)
             print(row, flush=True)
             rows.append(row)
-            if args.secagg_compare and sites <= 30:
-                from bench_secagg import compare
-
-                comparisons.append(compare(sites, images, Path(tmp), secure_row=row))
-    if comparisons:
-        from bench_secagg import write
-
-        write(comparisons, args.quick)
     goal = next((r for r in rows if r["sites"] == 50), None)
     write_results("federation", {
         "rows": rows,

@@ -76,7 +76,7 @@ def train(msg: Message, context: Context) -> Message:
     update = fit_site(parameters_to_ndarrays(fitins.parameters), cfg, site, server_round, run_id=context.run_id)
     metrics = dict(update.metrics)
     secagg_state = context.state.config_records.get(RECORD_KEY_STATE)
-    if secagg_state is not None and "max_weight" in secagg_state:
+    if is_secagg_message(msg) and secagg_state is not None and "max_weight" in secagg_state:
         ratio = update.num_examples / float(secagg_state["max_weight"])
         metrics["secagg-clipped-values"] = clipped_values(update.delta, ratio, float(secagg_state["clipping_range"]))
         metrics["max-abs-delta"] = float(max(abs(d).max() for d in update.delta if d.size))

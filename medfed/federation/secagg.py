@@ -5,12 +5,12 @@ protocol (pairwise masks, Shamir-shared keys, dropout recovery) on its legacy wo
 
 * **Mask generator.** Flower's ``pseudo_rand_gen`` XOR-folds the 256-bit seed to 32 bits and feeds NumPy's
   Mersenne Twister (flwrlabs/flower#7522), so a curious server could brute-force the masks. :func:`csprng_masks`
-  replaces it on both sides: ChaCha20 keyed with SHA-256 of the *whole* seed, one nonce per array. The
+  replaces it on both sides: ChaCha20 keyed with SHA-256 of the *whole* seed. The
   replacement is installed when this module is imported (by the ClientApp and the ServerApp), and both sides
   check it before every use (:func:`require_csprng`), so a fallback to the weak generator fails loudly.
 * **Compact upload.** With ``modulus_range = 2**32`` every masked value fits 32 bits, but Flower ships them as
-  int64. The site-side mod re-encodes them as uint32 and the server's grid wrapper widens them back before
-  Flower's workflow reads them: the upload is 4 bytes per parameter, like plain float32.
+  int64. The site-side mod re-encodes them as uint32: the upload is 4 bytes per parameter, like plain float32.
+  The server's workflow then sums and unmasks uint32 arrays, whose wrap-around *is* arithmetic modulo 2**32.
 * **Sizing.** Sites send model deltas. Values outside ``±clipping_range`` are clipped by SecAgg+, so each site
   reports how many values it had to clip. ``max_weight`` is the largest site's example count, asked for
   before the first round. :func:`aggregate_error_bound` is the documented error of the aggregate.
@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -42,7 +41,6 @@ from flwr.serverapp import Grid
 
 from medfed.config import RunConfig
 from medfed.errors import MedfedError
-from medfed.federation.workflow import DelegatingGrid
 
 MODULUS_RANGE = 2**32
 FLOWER_MODULES = ("flwr.client.mod.secure_aggregation.secaggplus_mod",
@@ -54,7 +52,10 @@ class WeakMaskGeneratorError(MedfedError):
 
 
 def csprng_masks(seed: bytes, num_range: int, dimensions_list: list[tuple[int, ...]]) -> list[np.ndarray]:
-    """Uniform masks in ``[0, num_range)`` for each shape, from ChaCha20 keyed by SHA-256(seed).
+    """Uniform masks in ``[0, num_range)`` for each shape, cut in order from one ChaCha20 keystream.
+
+    The key is SHA-256(seed) and the nonce zero: every seed (a pairwise shared secret or a private mask seed)
+    is fresh each round and keys exactly one stream.
 
     Args:
         seed: the full shared secret or private mask seed (every byte matters).
@@ -62,18 +63,22 @@ def csprng_masks(seed: bytes, num_range: int, dimensions_list: list[tuple[int, .
         dimensions_list: the array shapes to fill.
 
     Returns:
-        int64 arrays of the given shapes (the dtype Flower's arithmetic expects).
+        uint32 arrays of the given shapes (read-only). Flower's SecAgg+ arithmetic adds them to int64 vectors,
+        which promotes them; with ``num_range = 2**32`` uint32 arithmetic alone is already modular.
     """
     if num_range & (num_range - 1) or not 2 <= num_range <= 2**32:
         raise ValueError(f"mask range must be a power of two in [2, 2**32], got {num_range}")
     key = hashlib.sha256(seed).digest()
+    counts = [math.prod(dims) for dims in dimensions_list]
+    stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(4 * sum(counts)))
+    values = np.frombuffer(stream, dtype="<u4")
+    if num_range < 2**32:
+        values = values & np.uint32(num_range - 1)
     out = []
-    for index, dims in enumerate(dimensions_list):
-        count = int(np.prod(dims, dtype=np.int64))
-        nonce = bytes(4) + index.to_bytes(12, "little")  # 32-bit block counter, then a per-array nonce
-        stream = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor().update(bytes(4 * count))
-        values = np.frombuffer(stream, dtype="<u4").astype(np.int64) & (num_range - 1)
-        out.append(values.reshape(dims))
+    start = 0
+    for count, dims in zip(counts, dimensions_list):
+        out.append(values[start:start + count].reshape(dims))
+        start += count
     return out
 
 
@@ -133,35 +138,12 @@ def narrow(arrays: list[bytes]) -> list[bytes]:
     return out
 
 
-def widen(arrays: list[bytes]) -> list[bytes]:
-    """Inverse of :func:`narrow`: uint32 back to the int64 arrays Flower's workflow computes with."""
-    return [ndarray_to_bytes(bytes_to_ndarray(raw).astype(np.int64)) for raw in arrays]
-
-
 def clipped_values(delta: list[np.ndarray], weight_ratio: float, clipping_range: float) -> int:
     """How many values of ``weight_ratio * delta`` SecAgg+ will clip to ``±clipping_range``."""
     return int(sum(np.count_nonzero(np.abs(d) * weight_ratio > clipping_range) for d in delta))
 
 
 # --------------------------------------------------------------------------------------------- server side
-
-
-class WideningGrid(DelegatingGrid):
-    """Widens the sites' uint32 masked vectors to int64 before Flower's SecAgg+ workflow reads them."""
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [_widen_reply(m) for m in self.inner.pull_messages(message_ids)]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return [_widen_reply(m) for m in self.inner.send_and_receive(messages, timeout=timeout)]
-
-
-def _widen_reply(msg: Message) -> Message:
-    if msg.has_content() and RECORD_KEY_CONFIGS in msg.content.config_records:
-        configs = msg.content.config_records[RECORD_KEY_CONFIGS]
-        if Key.MASKED_PARAMETERS in configs:
-            configs[Key.MASKED_PARAMETERS] = widen(cast(list[bytes], configs[Key.MASKED_PARAMETERS]))
-    return msg
 
 
 @dataclass(frozen=True)
@@ -287,6 +269,6 @@ def secure_fit_round(grid: Grid, context: LegacyContext, cfg: RunConfig, sampled
         num_shares=settings.num_shares, reconstruction_threshold=settings.reconstruction_threshold,
         max_weight=settings.max_weight, clipping_range=settings.clipping_range,
         quantization_range=settings.quantization_range, modulus_range=MODULUS_RANGE, timeout=settings.timeout)
-    workflow(WideningGrid(grid), context)
+    workflow(grid, context)
     return SecureRound(settings, workflow.completed, [] if workflow.completed else list(workflow.failures))
 

@@ -163,8 +163,10 @@ def plot_rounds(run: RunDir) -> Path:
                      run.root / "rounds.png", xlabel="round")
 
 
-def run_server(grid: Grid, context: Context) -> RunDir:
-    """Run all rounds of a federated run (or the remaining ones, when resuming) and write the summary."""
+def run_server(grid: Grid, context: Context, fit_round_type: type[FederatedRound] = FederatedRound) -> RunDir:
+    """Run all rounds of a federated run (or the remaining ones, when resuming) and write the summary.
+
+    ``fit_round_type`` runs each round; a benchmark may pass a variant of :class:`FederatedRound`."""
     cfg = from_flat(context.run_config)
     image_shape = image_shape_of(cfg)
     run = open_run(cfg)
@@ -189,7 +191,7 @@ def run_server(grid: Grid, context: Context) -> RunDir:
         save_checkpoint(Checkpoint(model=model.state_dict(), config=cfg, image_shape=image_shape, step=0,
                                    extra={"kind": "federated", "privacy": privacy_label(cfg)}),
                         run.checkpoints / "round_0000.pt")
-    fit_round = FederatedRound(cfg=cfg, run=run, strategy=strategy, model=model, image_shape=image_shape,
+    fit_round = fit_round_type(cfg=cfg, run=run, strategy=strategy, model=model, image_shape=image_shape,
                                device=device)
     if fed.rounds > done:
         legacy = LegacyContext(context=context, strategy=strategy,

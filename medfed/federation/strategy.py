@@ -1,8 +1,8 @@
 """FedAvg over model deltas (Flower legacy strategy, as SecAgg+ requires), with update validation.
 
 Sites send ``delta = local - global``. The aggregate is the example-weighted mean of the accepted deltas, added to
-the current global model. With secure aggregation every result carries the same, already-aggregated delta, so
-the same code applies; validation then sees only the aggregate.
+the current global model. With secure aggregation every result carries the same, already-aggregated delta (one
+``Parameters`` object): it is validated once and is itself the mean; validation then sees only the aggregate.
 """
 
 from __future__ import annotations
@@ -107,8 +107,11 @@ class DeltaFedAvg(FedAvg):
                       failures: list[tuple[ClientProxy, FitRes] | BaseException]) -> tuple[Parameters | None,
                                                                                           dict[str, Scalar]]:
         accepted = []
+        reasons: dict[int, str | None] = {}  # SecAgg+ gives every result the same Parameters: check it once
         for proxy, res in results:
-            reason = validate_delta(parameters_to_ndarrays(res.parameters), self.current)
+            if id(res.parameters) not in reasons:
+                reasons[id(res.parameters)] = validate_delta(parameters_to_ndarrays(res.parameters), self.current)
+            reason = reasons[id(res.parameters)]
             if reason is None:
                 accepted.append((proxy, res))
                 self.outcome.accepted[proxy.node_id] = {**res.metrics, "num-examples": res.num_examples}
@@ -123,7 +126,10 @@ class DeltaFedAvg(FedAvg):
                 self.outcome.failures.append(f"node {failure[0].node_id}: {short_reason(failure[1].status.message)}")
         if not accepted:
             return None, {}
-        aggregated, _ = super().aggregate_fit(server_round, accepted, [])
+        if len({id(res.parameters) for _, res in accepted}) == 1:  # one (securely aggregated) delta: its own mean
+            aggregated: Parameters | None = accepted[0][1].parameters
+        else:
+            aggregated, _ = super().aggregate_fit(server_round, accepted, [])
         if aggregated is None:
             return None, {}
         delta = parameters_to_ndarrays(aggregated)
