@@ -73,6 +73,7 @@ def measure(sites: int, images_per_site: int, preset: str, out: Path, extra: dic
             "round_wall_s": [r["wall_s"] for r in records],
             "round_secure": [r["secure_aggregation"] is not None for r in records],
             "round_bytes_up": [r["bytes_up"] for r in records],
+            "round_site_seconds": [sum(r.get("site_seconds", {}).values()) for r in records],
             "steady_round_wall_s": sum(r["wall_s"] for r in records[1:]) / (len(records) - 1),
             "sites_participating_last_round": len(records[-1]["sites_participating"]),
             "run_wall_s": total, "peak_memory_gib": peak[0] / 2**30,

@@ -1,4 +1,4 @@
-"""ServerApp for ``bench_secagg.py``: one run whose rounds switch SecAgg+ on and off, so both arms share a machine state.
+"""ServerApp for ``bench_secagg.py``: one run whose rounds switch SecAgg+ on and off (both arms, one machine state).
 
 Round 1 runs SecAgg+ and is not compared (it also pays Ray's start-up and asks the sites' example counts). From
 round 2 on the rounds go in blocks of four: plain, SecAgg+, SecAgg+, plain, so a steady drift of the machine's

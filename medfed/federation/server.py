@@ -100,6 +100,7 @@ class FederatedRound:
             "failures": outcome.failures,
             "train_loss": {name(n): m["train-loss"] for n, m in outcome.accepted.items() if "train-loss" in m},
             "num_examples": {name(n): m["num-examples"] for n, m in outcome.accepted.items()},
+            "site_seconds": {name(n): m["seconds"] for n, m in outcome.accepted.items() if "seconds" in m},
             "privacy": privacy_label(self.cfg),
             "epsilon": {name(n): m["epsilon"] for n, m in outcome.accepted.items() if "epsilon" in m},
             "cap_epsilon": {name(n): m["cap-epsilon"] for n, m in outcome.accepted.items() if "cap-epsilon" in m},
