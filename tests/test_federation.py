@@ -60,6 +60,8 @@ def test_round_metrics_report_each_site(recorded_run):
         assert sum(r["num_examples"].values()) == 240
         assert r["bytes_down"] > 3 * 280_177 * 4 and r["bytes_up"] > 3 * 280_177 * 4
         assert r["wall_s"] > 0
+        assert sorted(r["site_seconds"]) == ["site-0", "site-1", "site-2"]
+        assert 0 < sum(r["site_seconds"].values()) < r["wall_s"]  # the sites train one after another here
     summary = json.loads(recorded_run.summary_path.read_text())
     assert summary["rounds_completed"] == 2
     assert (recorded_run.root / "rounds.png").stat().st_size > 0

@@ -42,6 +42,17 @@ def test_epsilon_restored_each_round_equals_one_shot(tmp_path, accountant):
     assert 7.9 <= one_shot <= 8.0 + 1e-9
 
 
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_epsilon_of_a_long_history_equals_opacus_composing_every_entry(accountant):
+    from opacus.accountants import create_accountant
+
+    # a run that changed its noise once: two mechanisms, several rounds each, interleaved
+    history = [(1.1, 0.25, 4)] * 6 + [(1.4, 0.25, 4)] * 3 + [(1.1, 0.25, 4)] * 2
+    opacus = create_accountant(accountant)
+    opacus.history = list(history)
+    assert epsilon(history, 1e-5, accountant) == pytest.approx(opacus.get_epsilon(delta=1e-5), rel=1e-6)
+
+
 def test_site_refuses_a_round_that_would_exceed_its_cap(tmp_path):
     plan = plan_noise(500, 50, 1, 10, target_epsilon=8.0, delta=1e-5, accountant="rdp")
     cap = PrivacyCap(epsilon=epsilon([(plan.noise_multiplier, plan.sample_rate, 3 * plan.steps_per_round)],

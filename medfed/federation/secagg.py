@@ -5,9 +5,9 @@ protocol (pairwise masks, Shamir-shared keys, dropout recovery) on its legacy wo
 
 * **Mask generator.** Flower's ``pseudo_rand_gen`` XOR-folds the 256-bit seed to 32 bits and feeds NumPy's
   Mersenne Twister (flwrlabs/flower#7522), so a curious server could brute-force the masks. :func:`csprng_masks`
-  replaces it on both sides: ChaCha20 keyed with SHA-256 of the *whole* seed. The
-  replacement is installed when this module is imported (by the ClientApp and the ServerApp), and both sides
-  check it before every use (:func:`require_csprng`), so a fallback to the weak generator fails loudly.
+  replaces it on both sides: ChaCha20 keyed with SHA-256 of the *whole* seed. The replacement is installed when
+  this module is imported (by the ClientApp and the ServerApp), and both sides check it before every use
+  (:func:`require_csprng`), so a fallback to the weak generator fails loudly.
 * **Compact upload.** With ``modulus_range = 2**32`` every masked value fits 32 bits, but Flower ships them as
   int64. The site-side mod re-encodes them as uint32: the upload is 4 bytes per parameter, like plain float32.
   The server's workflow then sums and unmasks uint32 arrays, whose wrap-around *is* arithmetic modulo 2**32.
