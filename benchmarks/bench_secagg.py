@@ -10,7 +10,7 @@ to the next, so the run also records each site's training time (``site_seconds``
 ``secagg_added_s`` compares what is left of a round outside training: the time SecAgg+ adds, without that jitter.
 Upload is the payload of the last round of each arm.
 
-Usage: python benchmarks/bench_secagg.py [--quick] [--sites 3,10,30] [--blocks 1]
+Usage: python benchmarks/bench_secagg.py [--quick] [--sites 3,10,30] [--blocks 2]
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 sites, 64 images each")
     parser.add_argument("--sites", default="", help="comma-separated site counts (default 3,10,30)")
-    parser.add_argument("--blocks", type=int, default=1,
+    parser.add_argument("--blocks", type=int, default=2,
                         help="blocks of four compared rounds (plain, SecAgg+, SecAgg+, plain) per run")
     args = parser.parse_args()
     counts = [int(s) for s in args.sites.split(",") if s] or ([3] if args.quick else [3, 10, 30])
