@@ -27,7 +27,7 @@ from common import write_results
 APP_MODULE = "medfed_bench_apps/secagg_alternating_app.py"
 
 
-def compare(sites: int, images: int, out: Path, blocks: int = 1) -> dict:
+def compare(sites: int, images: int, out: Path, blocks: int = 2) -> dict:
     """One alternating run of ``1 + 4 * blocks`` rounds with ``sites`` sites."""
     app = (Path(__file__).parent / "secagg_alternating_app.py").read_text()
     row = measure(sites, images, "tiny", out, name=f"sites-{sites}", rounds=1 + 4 * blocks,

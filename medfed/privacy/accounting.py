@@ -74,7 +74,8 @@ def epsilon(history: Sequence[Step], delta: float, accountant: str) -> float:
     """
     steps: dict[tuple[float, float], int] = {}
     for s, q, n in history:
-        steps[float(s), float(q)] = steps.get((float(s), float(q)), 0) + int(n)
+        mechanism = (float(s), float(q))
+        steps[mechanism] = steps.get(mechanism, 0) + int(n)
     return _epsilon(tuple((s, q, n) for (s, q), n in steps.items()), delta, accountant)
 
 
