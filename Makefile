@@ -11,7 +11,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,16 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/medfed demo
 
-test: $(STAMP)
+# The full suite (CI): lint first, then every test, the slow ones included.
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The quick tier: every test not marked slow (no Flower runs, browser, long training or torch.compile).
+test-fast: lint
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check medfed tests benchmarks
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

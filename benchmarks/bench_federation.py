@@ -63,21 +63,21 @@ def measure(sites: int, images_per_site: int, preset: str, out: Path, extra: dic
         stop.set()
         watcher.join()
     total = time.perf_counter() - start
-    records = [r for r in run.read_metrics() if "round" in r]
-    if len(records[-1]["sites_participating"]) != sites:
-        raise RuntimeError(f"{name}: only {len(records[-1]['sites_participating'])} of {sites} sites took part in "
-                           f"the last round: {records[-1]['failures'][:3]}")
+    records = run.rounds()
+    if len(records[-1].participants) != sites:
+        raise RuntimeError(f"{name}: only {len(records[-1].participants)} of {sites} sites took part in "
+                           f"the last round: {records[-1].summary_line()}")
     return {"sites": sites, "images_per_site": images_per_site, "preset": preset,
             "privacy": cfg.privacy.enabled, "secure_aggregation": cfg.secagg.enabled,
             "per_sample_chunk": cfg.privacy.per_sample_chunk, "rounds": len(records),
-            "round_wall_s": [r["wall_s"] for r in records],
-            "round_secure": [r["secure_aggregation"] is not None for r in records],
-            "round_bytes_up": [r["bytes_up"] for r in records],
-            "round_site_seconds": [sum(r.get("site_seconds", {}).values()) for r in records],
-            "steady_round_wall_s": sum(r["wall_s"] for r in records[1:]) / (len(records) - 1),
-            "sites_participating_last_round": len(records[-1]["sites_participating"]),
+            "round_wall_s": [r.wall_s for r in records],
+            "round_secure": [r.secure_aggregation is not None for r in records],
+            "round_bytes_up": [r.bytes_up for r in records],
+            "round_site_seconds": [sum(r.site_seconds.values()) for r in records],  # NOT PRIVATE runs only
+            "steady_round_wall_s": sum(r.wall_s for r in records[1:]) / (len(records) - 1),
+            "sites_participating_last_round": len(records[-1].participants),
             "run_wall_s": total, "peak_memory_gib": peak[0] / 2**30,
-            "bytes_up_per_round": records[-1]["bytes_up"], "bytes_down_per_round": records[-1]["bytes_down"]}
+            "bytes_up_per_round": records[-1].bytes_up, "bytes_down_per_round": records[-1].bytes_down}
 
 
 def main() -> int:

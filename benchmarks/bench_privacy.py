@@ -39,9 +39,9 @@ def make_step(engine: str, shape_name: str, batch: int) -> Callable[[], None]:
     from torch.utils.data import DataLoader, TensorDataset
 
     from medfed.config import DiffusionConfig, PrivacyConfig
-    from medfed.diffusion import make_scheduler, per_sample_loss
+    from medfed.diffusion import denoising_error, draw_noisy_inputs, make_scheduler, per_sample_loss
     from medfed.models import build_unet
-    from medfed.privacy.dp_sgd import attach_grad_samples, draw_noisy_inputs
+    from medfed.privacy.dp_sgd import attach_grad_samples
 
     torch.manual_seed(0)
     shape = SHAPES[shape_name]
@@ -55,7 +55,7 @@ def make_step(engine: str, shape_name: str, batch: int) -> Callable[[], None]:
         reduction = "mean"
 
         def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            per_sample = (pred - target).pow(2).flatten(1).mean(1)
+            per_sample = denoising_error(pred, target)
             return per_sample if self.reduction == "none" else per_sample.mean()
 
     if engine == "non-private":
@@ -81,7 +81,7 @@ def make_step(engine: str, shape_name: str, batch: int) -> Callable[[], None]:
         elif engine == "ghost":
             criterion(private(x_t[:, 0], t[:, 0]), eps[:, 0]).backward()
         else:
-            (private(x_t[:, 0], t[:, 0]) - eps[:, 0]).pow(2).flatten(1).mean(1).mean().backward()
+            denoising_error(private(x_t[:, 0], t[:, 0]), eps[:, 0]).mean().backward()
         dp_opt.step()
     return dp_step
 

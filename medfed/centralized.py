@@ -1,7 +1,8 @@
 """Centralized DDPM training: the paper's non-federated baseline, and the loop the demo runs on one machine.
 
-Randomness is a pure function of ``(train.seed, step)``: the images of step s and its timesteps and noise come
-from generators seeded by the step, so a run resumed from a checkpoint continues exactly as it would have.
+Randomness is a pure function of ``(train.seed, step)``: the images of step s and its label dropout, timesteps and
+noise come from generators seeded by the step, so a run resumed from a checkpoint continues exactly as it would
+have. Each step is :func:`medfed.diffusion.train_step`, the one a site's non-private round takes.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from medfed.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from medfed.config import RunConfig
 from medfed.datasets import ImageDataset, load_dataset
 from medfed.devices import resolve_device
-from medfed.diffusion import make_scheduler, per_sample_loss, sample_images
+from medfed.diffusion import StepOptions, check_labels, make_scheduler, sample_images, train_step
+from medfed.diffusion.sampling import class_rows
 from medfed.images import save_grid
-from medfed.models import build_unet, count_parameters, ema_update
+from medfed.models import build_unet, count_parameters, ema_update, warmup_decay
 from medfed.progress import progress_bar
 from medfed.runs import RunDir, open_run
 
@@ -31,11 +33,6 @@ class TrainResult:
     first_loss: float
     last_loss: float
     grid: Path
-
-
-def ema_decay_at(step: int, decay: float) -> float:
-    """EMA decay with warm-up, so early samples are not dominated by the random initial weights."""
-    return min(decay, (1.0 + step) / (10.0 + step))
 
 
 def batch_indices(num_images: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
@@ -57,10 +54,12 @@ def train_centralized(cfg: RunConfig, show_progress: bool = True) -> TrainResult
     device = resolve_device(cfg.train.device)
     data: ImageDataset = load_dataset(cfg.data, seed=cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
-    model = build_unet(cfg.model.preset, data.image_shape[0]).to(device)
+    check_labels(data.labels, cfg.model.num_classes, f"dataset {data.name}")
+    model = build_unet(cfg.model.preset, data.image_shape[0], cfg.model.num_classes).to(device)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.train.ema_decay > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     scheduler = make_scheduler(cfg.diffusion)
+    options = StepOptions.from_config(cfg, device)
     batch_size = min(cfg.train.batch_size, len(data))
 
     start = 0
@@ -81,9 +80,12 @@ def train_centralized(cfg: RunConfig, show_progress: bool = True) -> TrainResult
         save_checkpoint(ckpt, run.latest_checkpoint)
 
     def write_samples(step: int) -> Path:
-        images = sample_images(ema or model, cfg.diffusion, cfg.train.num_samples, data.image_shape,
-                               device=device, seed=cfg.train.seed)
-        return save_grid(images, run.samples / f"step_{step:07d}.png")
+        classes = cfg.model.num_classes  # conditional: one row per class (num-samples rounded up to fill rows)
+        labels = class_rows(cfg.train.num_samples, classes) if classes else None
+        num = cfg.train.num_samples if labels is None else len(labels)
+        images = sample_images(ema or model, cfg.diffusion, num, data.image_shape, device=device,
+                               seed=cfg.train.seed, class_labels=labels)
+        return save_grid(images, run.samples / f"step_{step:07d}.png", nrow=num // classes if classes else None)
 
     if start == 0:
         run.append_metrics({"event": "start", "parameters": count_parameters(model), "images": len(data),
@@ -96,16 +98,12 @@ def train_centralized(cfg: RunConfig, show_progress: bool = True) -> TrainResult
     with progress_bar("training", total=cfg.train.steps, enabled=show_progress) as advance:
         advance(start)
         for step in range(start, cfg.train.steps):
-            x0 = data.images[batch_indices(len(data), batch_size, cfg.train.seed, step)].to(device)
-            loss = per_sample_loss(model, scheduler, x0, step_generator(device, cfg.train.seed, step)).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
+            index = batch_indices(len(data), batch_size, cfg.train.seed, step)
+            loss = train_step(model, optimizer, scheduler, data.images[index].to(device),
+                              data.labels[index].to(device), step_generator(device, cfg.train.seed, step), options)
             if ema is not None:
-                ema_update(ema, model, ema_decay_at(step, cfg.train.ema_decay))
-            losses.append(loss.item())
+                ema_update(ema, model, warmup_decay(step, cfg.train.ema_decay))
+            losses.append(loss)
             done = step + 1
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 elapsed = time.perf_counter() - window_start

@@ -81,7 +81,8 @@ def load_payload(path: str | Path, fmt: str, what: str) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt files
-        raise CheckpointError(f"{path}: not a readable {what} ({type(err).__name__}: {err})") from err
+        reason = (str(err).strip().splitlines() or [""])[0][:200]  # torch's messages run to many lines
+        raise CheckpointError(f"{path}: not a readable {what} ({type(err).__name__}: {reason})") from err
     if not isinstance(payload, dict) or payload.get("format") != fmt:
         raise CheckpointError(f"{path}: not a medfed {what} (missing format marker '{fmt}')")
     return payload

@@ -7,11 +7,17 @@ form Flower's run config uses (``[tool.flwr.app.config]`` and ``flwr run --run-c
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import difflib
+import functools
+import math
 import re
+import tomllib
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from medfed.errors import ConfigError
@@ -89,6 +95,9 @@ class ModelConfig:
     preset: str = "tiny"
     """UNet preset from :data:`medfed.models.unet.PRESETS` (``pico``, ``nano``, ``micro``, ``tiny``, ``small``,
     ``paper``)."""
+    num_classes: int = 0
+    """Class-conditional generation over this many classes (labels 0..N-1, with classifier-free guidance); 0 is
+    unconditional, the paper's protocol."""
 
 
 @dataclass(frozen=True)
@@ -100,13 +109,18 @@ class DiffusionConfig:
     schedule: str = "linear_beta"
     """MONAI noise schedule: ``linear_beta``, ``scaled_linear_beta`` or ``sigmoid_beta``."""
     beta_start: float = 1e-4
+    """Noise variance beta_1 of the first diffusion step."""
     beta_end: float = 0.02
+    """Noise variance beta_T of the last diffusion step."""
     sampler: str = "ddim"
     """``ddpm`` (all T steps, ancestral) or ``ddim`` (``sample-steps`` steps)."""
     sample_steps: int = 50
     """Steps of the DDIM sampler."""
     ddim_eta: float = 0.0
     """DDIM stochasticity (0 is deterministic DDIM)."""
+    guidance: float = 0.0
+    """Classifier-free guidance scale w of conditional models, eps = (1 + w) eps_cond - w eps_uncond; 0 samples the
+    conditional model alone."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +128,9 @@ class TrainConfig:
     """Optimisation, shared by centralized training and each site's local training."""
 
     batch_size: int = 64
+    """Images per optimizer step (DP-SGD: the expected Poisson batch size)."""
     lr: float = 2e-4
+    """AdamW learning rate."""
     steps: int = 2000
     """Optimizer steps of centralized training."""
     ema_decay: float = 0.999
@@ -122,6 +138,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Global gradient-norm clip for non-private training; 0 disables it."""
     seed: int = 0
+    """Seed of data shuffling, initialisation, noise and sampling."""
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu`` or ``cuda``/``cuda:N``."""
     log_every: int = 10
@@ -132,6 +149,13 @@ class TrainConfig:
     """Steps between sample grids in centralized training."""
     num_samples: int = 64
     """Images in each sample grid."""
+    label_dropout: float = 0.1
+    """Conditional models: probability that a training label is replaced by the null class, which teaches the
+    unconditional model that guidance needs."""
+    precision: str = "float32"
+    """Forward precision of non-private training steps (centralized, a site's non-private rounds): ``float32``,
+    ``bfloat16`` (autocast) or ``auto`` (bfloat16 on CPUs with AMX units, else float32). DP-SGD steps stay float32.
+    Compare on your machine with ``benchmarks/bench_training.py`` before choosing bfloat16."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +165,9 @@ class FederationConfig:
     num_sites: int = 3
     """Simulated sites (simulation) or expected SuperNodes (deployment)."""
     rounds: int = 5
+    """FedAvg rounds R."""
     local_epochs: int = 1
+    """Local epochs E each site trains per round."""
     fraction_fit: float = 1.0
     """Fraction of available sites asked to train each round."""
     min_sites: int = 0
@@ -154,6 +180,14 @@ class FederationConfig:
     """Concentration of the Dirichlet label split (the paper uses 0.1, 0.5 and 5)."""
     sample_every: int = 1
     """Rounds between sample grids written by the server; 0 writes one at the end only."""
+    ema_decay: float = 0.9
+    """Exponential moving average of the global model over rounds, kept at the server (post-processing of the
+    aggregate: no privacy cost), with the warm-up ``min(decay, (1 + n) / (10 + n))``; checkpoints keep it as the
+    weights to sample with. 0 disables it."""
+    ledger_anchors: str = ""
+    """Deployment: the coordinator's store of the sites' ledger heads (``medfed server run`` sets it to the server
+    folder's ``anchors.json``); each round's heads are sent to the sites, which refuse to train when their ledger no
+    longer extends them. Empty keeps no anchors (simulation)."""
     init_checkpoint: str = ""
     """Start the global model from this checkpoint's sampling weights (e.g. a model the coordinator trained on
     public data) instead of a random initialisation; empty = random."""
@@ -250,10 +284,33 @@ class SecAggConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """Simulation only: the simulated hospitals' site policy (:class:`medfed.contracts.SitePolicy`).
+
+    Deployed sites set theirs in ``site.toml`` ``[policy]`` and ignore these keys. Defaults are the strict ones;
+    a simulation relaxes them only explicitly (``medfed run --no-privacy`` sets ``policy.require-dp = false``
+    and says so)."""
+
+    require_dp: bool = True
+    """Simulated sites train only with DP-SGD (a run with ``privacy.enabled = false`` is refused)."""
+    require_secure_aggregation: bool = True
+    """Simulated sites send updates only through SecAgg+."""
+    min_sites_per_round: int = 3
+    """Fewest sites a round may aggregate over."""
+    share_evaluation: bool = False
+    """Simulated sites answer federated evaluation (``evaluation.every-rounds``)."""
+    max_run_epsilon: float = 0.0
+    """Largest ``privacy.target-epsilon`` a run may plan for; 0 = only the cap bounds it."""
+    min_noise_multiplier: float = 0.0
+    """Smallest DP-SGD noise multiplier a simulated site accepts; 0 = no floor."""
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     """Where results go."""
 
     dir: str = "runs"
+    """Parent folder of run folders."""
     name: str = ""
     """Run folder name under ``dir``; empty picks a timestamp."""
     resume: bool = False
@@ -272,6 +329,7 @@ class RunConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
@@ -298,6 +356,35 @@ def to_dict(cfg: RunConfig) -> dict[str, dict[str, Scalar]]:
     return dataclasses.asdict(cfg)
 
 
+def did_you_mean(word: str, candidates: Iterable[str], cutoff: float = 0.6) -> str:
+    """``" (did you mean X?)"`` for the candidate closest to ``word`` (difflib), or ``""`` when none is close."""
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=cutoff)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def check_choice(value: str, allowed: Sequence[str], what: str, key: str | None = None) -> None:
+    """Raise a one-line :class:`ConfigError` (``<what> 'value' is not one of ...; did you mean ...?``) unless
+    ``value`` is in ``allowed``. ``what`` names the option or key, e.g. ``"--sampler"`` or ``"config key 'x':"``."""
+    if value not in allowed:
+        raise ConfigError(f"{what} '{value}' is not one of {', '.join(allowed)}{did_you_mean(value, allowed)}",
+                          key=key)
+
+
+def _suggest_key(key: str, known: Iterable[str]) -> str:
+    known = list(known)
+    hint = did_you_mean(key, known)
+    if hint:
+        return hint
+    by_name: dict[str, str] = {}
+    for k in known:
+        by_name.setdefault(k.split(".", 1)[1], k)
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1].replace("_", "-"), list(by_name), n=1, cutoff=0.75)
+    return f" (did you mean {by_name[close[0]]}?)" if close else ""
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+
+
 def _coerce(key: str, value: object, target: type) -> Scalar:
     if target is bool:
         if isinstance(value, bool):
@@ -317,32 +404,41 @@ def _coerce(key: str, value: object, target: type) -> Scalar:
             except ValueError:
                 pass
     elif target is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}", key=key)
+            return number
     elif target is str:
         if isinstance(value, str):
             return value.strip('"')
-        return str(value)
-    raise ConfigError(f"config key '{key}': expected {target.__name__}, got {value!r}")
+        if not isinstance(value, (dict, list)):
+            return str(value)
+    raise ConfigError(f"config key '{key}': expected {_TYPE_WORDS.get(target, target.__name__)}, got {value!r}",
+                      key=key)
 
 
 def from_flat(flat: Mapping[str, object], base: RunConfig | None = None) -> RunConfig:
     """Build a config from ``{"section.key-name": value}`` pairs layered over ``base`` (default: defaults).
 
     Raises:
-        ConfigError: for an unknown key or a value of the wrong type, naming the key.
+        ConfigError: for an unknown key (with the closest known key) or a bad value, naming the key
+            (``err.key``).
     """
     base = base or RunConfig()
     known = to_flat(base)
     updates: dict[str, dict[str, Scalar]] = {}
     for key, value in flat.items():
         if key not in known:
-            raise ConfigError(f"unknown config key '{key}' (known keys: medfed config --list)")
+            raise ConfigError(f"unknown config key '{key}'{_suggest_key(key, known)}; `medfed config` lists every "
+                              "key", key=key)
         section, name = key.split(".", 1)
         attr = name.replace("-", "_")
         sub_type = type(getattr(base, section))
@@ -366,29 +462,190 @@ def parse_overrides(items: Iterable[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+            raise ConfigError(f"--set '{item}' is not of the form section.key=value")
         out[key.strip()] = value.strip()
     return out
 
 
-def validate(cfg: RunConfig) -> None:
-    """Check value ranges; raise :class:`ConfigError` naming the first bad key."""
+# --- config files and command-line options ------------------------------------------------------------------
+
+RUN_CONFIG_FILE = "run.toml"
+"""The resolved config every run folder keeps; ``--config`` reads it back."""
+
+OPTION_KEYS: dict[str, str] = {
+    "--dataset": "data.dataset",
+    "--data-path": "data.path",
+    "--image-size": "data.image-size",
+    "--channels": "data.channels",
+    "--download": "data.download",
+    "--preset": "model.preset",
+    "--steps": "train.steps",
+    "--batch-size": "train.batch-size",
+    "--lr": "train.lr",
+    "--seed": "train.seed",
+    "--device": "train.device",
+    "--sites": "federation.num-sites",
+    "--rounds": "federation.rounds",
+    "--local-epochs": "federation.local-epochs",
+    "--min-sites": "federation.min-sites",
+    "--partition": "federation.partition",
+    "--beta": "federation.dirichlet-beta",
+    "--epsilon": "privacy.target-epsilon",
+    "--no-privacy": "privacy.enabled",
+    "--no-secure-aggregation": "secagg.enabled",
+    "--out": "output.dir",
+    "--name": "output.name",
+    "--resume": "output.resume",
+}
+"""The config key each run option of ``medfed train``, ``medfed run`` and ``medfed server run`` sets."""
+
+
+def read_config_file(path: str | Path) -> dict[str, object]:
+    """Read a TOML run config (``run.toml``) into flat ``{"section.key-name": value}`` pairs.
+
+    Accepts flat quoted keys (``"train.lr" = 1e-4``), dotted keys (``train.lr = 1e-4``) and sections
+    (``[train]`` then ``lr = 1e-4``); underscores in key names read as hyphens. Values are checked by
+    :func:`from_flat`.
+
+    Raises:
+        ConfigError: the file is missing, not TOML, or nested deeper than ``section.key``, naming the file.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: file does not exist")
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"--config {path}: not a readable TOML file ({err})") from err
+    flat: dict[str, object] = {}
+    for name, value in doc.items():
+        if not isinstance(value, dict):
+            flat[name] = value
+            continue
+        for sub, item in value.items():
+            if isinstance(item, dict):
+                raise ConfigError(f"--config {path}: '{name}.{sub}' is a table; keys are section.key = value")
+            flat[_key(name, sub)] = item
+    return flat
+
+
+def config_toml(cfg: RunConfig) -> str:
+    """``cfg`` as TOML, one ``[section]`` per dataclass with hyphenated keys: what :func:`read_config_file`
+    reads back to the same config."""
+    import tomli_w
+
+    nested = {section: {f.name.replace("_", "-"): getattr(sub, f.name) for f in dataclasses.fields(sub)}
+              for section, sub in _sections(cfg)}
+    return ("# medfed run configuration; `medfed train|run|server run --config run.toml` reads it back\n"
+            + tomli_w.dumps(nested))
+
+
+def write_config_file(cfg: RunConfig, path: str | Path) -> Path:
+    """Write :func:`config_toml` to ``path`` (e.g. a run folder's ``run.toml``)."""
+    path = Path(path)
+    path.write_text(config_toml(cfg))
+    return path
+
+
+def build_config(options: Mapping[str, object | None] | None = None, sets: Iterable[str] | None = None,
+                 config_file: str | Path | None = None) -> RunConfig:
+    """The config of a command: defaults, then ``config_file``, then ``options``, then ``--set`` overrides.
+
+    Args:
+        options: command-line options by flag (keys of :data:`OPTION_KEYS`, e.g. ``{"--batch-size": 32}``);
+            ``None`` values were not given.
+        sets: ``section.key=value`` strings of ``--set``.
+        config_file: a TOML file of the same keys (``--config``).
+
+    Raises:
+        ConfigError: a bad key or value, naming the option, ``--set`` item or file it came from, and the key.
+    """
+    flat: dict[str, object] = {}
+    origin: dict[str, str] = {}
+    if config_file is not None:
+        for key, value in read_config_file(config_file).items():
+            flat[key], origin[key] = value, f"--config {config_file}"
+    for flag, value in (options or {}).items():
+        if value is None:
+            continue
+        key = OPTION_KEYS[flag]
+        flat[key] = value
+        origin[key] = f"option {flag}" if isinstance(value, bool) else f"option {flag} {value}"
+    for key, value in parse_overrides(sets or []).items():
+        flat[key], origin[key] = value, f"--set {key}={value}"
+    try:
+        return from_flat(flat)
+    except ConfigError as err:
+        where = origin.get(err.key or "")
+        if where is None:
+            raise
+        raise ConfigError(f"{where}: {err}", key=err.key) from None
+
+
+# --- checks -------------------------------------------------------------------------------------------------
+
+PRESETS = ("pico", "nano", "micro", "tiny", "small", "paper")
+"""UNet preset names, smallest first. :data:`medfed.models.unet.PRESETS` holds their architectures (a test keeps
+the two in step); the names live here so a config is checked without importing torch."""
+DATASETS = ("embedded-mnist", "mnist", "fashion-mnist", "cifar10", "svhn", "npz", "idx", "folder", "dicom", "nifti")
+"""Values of ``data.dataset``: the names :func:`medfed.datasets.load_dataset` dispatches on."""
+SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta")
+"""MONAI noise schedules (``diffusion.schedule``)."""
+DEVICES = "auto, cpu, cuda, cuda:N"
+"""Values of ``train.device`` and every ``--device`` option."""
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+MIN_SECURE_SITES = 3
+"""Secure aggregation needs this many sites per round: with 2, each site learns the other's update (sum minus its
+own)."""
+SECAGG_MODULUS = 2**32
+"""SecAgg+ sums quantized updates modulo this (``medfed.federation.secagg.MODULUS_RANGE``)."""
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.dataset": DATASETS,
+    "data.split": ("train", "val", "test"),
+    "data.on-error": ("fail", "skip"),
+    "data.intensity": ("auto", "window", "percentile"),
+    "data.labels": ("auto", "subfolders", "csv", "none"),
+    "model.preset": PRESETS,
+    "diffusion.schedule": SCHEDULES,
+    "diffusion.sampler": ("ddpm", "ddim"),
+    "federation.partition": ("iid", "dirichlet"),
+    "evaluation.protocol": ("standard", "tun-compat"),
+    "privacy.accountant": ACCOUNTANTS,
+    "privacy.per-sample-grads": PER_SAMPLE_ENGINES,
+}
+"""Keys whose value is one of a fixed set of names."""
+
+
+def check_device(spec: str, what: str = "config key 'train.device':") -> None:
+    """Raise a one-line :class:`ConfigError` unless ``spec`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    if not DEVICE_PATTERN.fullmatch(spec):
+        raise ConfigError(f"{what} '{spec}' is not one of {DEVICES}{did_you_mean(spec, ('auto', 'cpu', 'cuda'))}",
+                          key="train.device" if "train.device" in what else None)
+
+
+def range_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
+    """``(ok, key, rule)`` for every range rule of ``cfg``; :func:`validate` raises on the first failed one and
+    ``medfed config`` shows the rules as each key's allowed values."""
     checks: list[tuple[bool, str, str]] = [
         (cfg.train.batch_size > 0, "train.batch-size", "must be > 0"),
         (cfg.train.lr > 0, "train.lr", "must be > 0"),
         (cfg.train.steps >= 0, "train.steps", "must be >= 0"),
         (0.0 <= cfg.train.ema_decay < 1.0, "train.ema-decay", "must be in [0, 1)"),
         (cfg.train.grad_clip >= 0, "train.grad-clip", "must be >= 0"),
+        (cfg.train.seed >= 0, "train.seed", "must be >= 0"),
         (cfg.train.num_samples > 0, "train.num-samples", "must be > 0"),
         (cfg.train.log_every > 0, "train.log-every", "must be > 0"),
         (cfg.train.checkpoint_every > 0, "train.checkpoint-every", "must be > 0"),
         (cfg.train.sample_every > 0, "train.sample-every", "must be > 0"),
+        (0.0 <= cfg.train.label_dropout < 1.0, "train.label-dropout", "must be in [0, 1)"),
+        (cfg.train.precision in ("auto", "float32", "bfloat16"), "train.precision",
+         "must be 'auto', 'float32' or 'bfloat16'"),
+        (cfg.model.num_classes >= 0, "model.num-classes", "must be >= 0 (0 = unconditional)"),
+        (cfg.diffusion.guidance >= 0, "diffusion.guidance", "must be >= 0"),
         (cfg.data.channels in (0, 1, 3), "data.channels", "must be 0 (native), 1 or 3"),
         (cfg.data.image_size >= 0, "data.image-size", "must be >= 0"),
         (cfg.data.limit >= 0, "data.limit", "must be >= 0"),
-        (cfg.data.on_error in ("fail", "skip"), "data.on-error", "must be 'fail' or 'skip'"),
-        (cfg.data.intensity in ("auto", "window", "percentile"), "data.intensity",
-         "must be 'auto', 'window' or 'percentile'"),
         (re.fullmatch(r"[a-z-]+|\s*-?[\d.]+\s*,\s*[\d.]*[1-9][\d.]*\s*", cfg.data.ct_window) is not None,
          "data.ct-window", "must be a preset name or 'level,width' with width > 0"),
         (0.0 <= cfg.data.percentile_low < cfg.data.percentile_high <= 100.0, "data.percentile-low",
@@ -398,12 +655,12 @@ def validate(cfg: RunConfig) -> None:
          "must be empty or 'start:stop' (indices like 40:120 or fractions like 0.2:0.8)"),
         (cfg.data.nifti_volume >= 0, "data.nifti-volume", "must be >= 0"),
         (0.0 <= cfg.data.nifti_min_foreground < 1.0, "data.nifti-min-foreground", "must be in [0, 1)"),
-        (cfg.data.labels in ("auto", "subfolders", "csv", "none"), "data.labels",
-         "must be 'auto', 'subfolders', 'csv' or 'none'"),
         (cfg.data.labels != "csv" or bool(cfg.data.labels_csv), "data.labels-csv",
          "must be set when data.labels is 'csv'"),
         (cfg.diffusion.timesteps > 1, "diffusion.timesteps", "must be > 1"),
-        (cfg.diffusion.sampler in ("ddpm", "ddim"), "diffusion.sampler", "must be 'ddpm' or 'ddim'"),
+        (0.0 < cfg.diffusion.beta_start < cfg.diffusion.beta_end < 1.0, "diffusion.beta-start",
+         "must satisfy 0 < beta-start < beta-end < 1"),
+        (cfg.diffusion.ddim_eta >= 0, "diffusion.ddim-eta", "must be >= 0"),
         (0 < cfg.diffusion.sample_steps <= cfg.diffusion.timesteps, "diffusion.sample-steps",
          "must be in [1, diffusion.timesteps]"),
         (cfg.federation.num_sites >= 1, "federation.num-sites", "must be >= 1"),
@@ -413,36 +670,124 @@ def validate(cfg: RunConfig) -> None:
         (0 <= cfg.federation.min_sites <= cfg.federation.num_sites, "federation.min-sites",
          "must be in [0, federation.num-sites]"),
         (cfg.federation.round_timeout > 0, "federation.round-timeout", "must be > 0 seconds"),
-        (cfg.federation.partition in ("iid", "dirichlet"), "federation.partition", "must be 'iid' or 'dirichlet'"),
         (cfg.federation.dirichlet_beta > 0, "federation.dirichlet-beta", "must be > 0"),
+        (cfg.federation.sample_every >= 0, "federation.sample-every", "must be >= 0 (0 = at the end only)"),
+        (0.0 <= cfg.federation.ema_decay < 1.0, "federation.ema-decay", "must be in [0, 1) (0 = no EMA)"),
         (cfg.privacy.target_epsilon > 0, "privacy.target-epsilon", "must be > 0"),
         (0 < cfg.privacy.delta < 1, "privacy.delta", "must be in (0, 1)"),
         (cfg.privacy.max_grad_norm > 0, "privacy.max-grad-norm", "must be > 0"),
-        (cfg.privacy.accountant in ACCOUNTANTS, "privacy.accountant", f"must be one of {', '.join(ACCOUNTANTS)}"),
         (cfg.privacy.noise_multiplicity >= 1, "privacy.noise-multiplicity", "must be >= 1"),
-        (cfg.privacy.per_sample_grads in PER_SAMPLE_ENGINES, "privacy.per-sample-grads",
-         f"must be one of {', '.join(PER_SAMPLE_ENGINES)}"),
         (cfg.privacy.per_sample_chunk >= 0, "privacy.per-sample-chunk", "must be >= 0 (0 = the whole batch)"),
         (cfg.secagg.num_shares == 0 or cfg.secagg.num_shares >= 2, "secagg.num-shares", "must be 0 (auto) or >= 2"),
         (cfg.secagg.reconstruction_threshold >= 0, "secagg.reconstruction-threshold", "must be >= 0"),
         (cfg.secagg.clipping_range > 0, "secagg.clipping-range", "must be > 0"),
-        (2 <= cfg.secagg.quantization_range <= 2**26, "secagg.quantization-range",
-         "must be in [2, 2**26] (sums of up to 64 sites must fit the 2**32 modulus)"),
+        (2 <= cfg.secagg.quantization_range <= 2**26, "secagg.quantization-range", "must be in [2, 2**26]"),
         (cfg.secagg.max_weight >= 0, "secagg.max-weight", "must be >= 0"),
         (cfg.secagg.timeout >= 0, "secagg.timeout", "must be >= 0"),
         (cfg.evaluation.every_rounds >= 0, "evaluation.every-rounds", "must be >= 0 (0 = off)"),
         (cfg.evaluation.num_samples >= 2, "evaluation.num-samples", "must be >= 2"),
         (bool(cfg.evaluation.feature_network.strip()), "evaluation.feature-network",
          "must name a network (inception, fid-helper or a classifier file)"),
-        (cfg.evaluation.protocol in ("standard", "tun-compat"), "evaluation.protocol",
-         "must be 'standard' or 'tun-compat'"),
         (cfg.evaluation.batch_size > 0, "evaluation.batch-size", "must be > 0"),
         (cfg.evaluation.kid_subset_size >= 2, "evaluation.kid-subset-size", "must be >= 2"),
         (cfg.evaluation.prdc_k >= 1, "evaluation.prdc-k", "must be >= 1"),
         (0.0 < cfg.evaluation.near_copy_threshold < 1.0, "evaluation.near-copy-threshold", "must be in (0, 1)"),
         (0.0 <= cfg.evaluation.max_near_copy_fraction <= 1.0, "evaluation.max-near-copy-fraction",
          "must be in [0, 1]"),
+        (cfg.policy.min_sites_per_round >= 1, "policy.min-sites-per-round", "must be >= 1"),
+        (cfg.policy.max_run_epsilon >= 0, "policy.max-run-epsilon", "must be >= 0 (0 = the cap only)"),
+        (cfg.policy.min_noise_multiplier >= 0, "policy.min-noise-multiplier", "must be >= 0 (0 = no floor)"),
     ]
-    for ok, key, message in checks:
+    return checks
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check allowed values and ranges; raise a one-line :class:`ConfigError` naming the first bad key
+    (``err.key``), with the closest allowed name for a misspelt one."""
+    flat = to_flat(cfg)
+    for key, allowed in CHOICES.items():
+        check_choice(str(flat[key]), allowed, f"config key '{key}':", key)
+    check_device(cfg.train.device)
+    for ok, key, message in range_checks(cfg):
         if not ok:
-            raise ConfigError(f"config key '{key}' {message}")
+            raise ConfigError(f"config key '{key}' {message} (got {flat[key]!r})", key=key)
+    fed, secagg = cfg.federation, cfg.secagg
+    per_round = fed.min_sites or fed.num_sites
+    if secagg.enabled and per_round < MIN_SECURE_SITES:
+        key = "federation.min-sites" if fed.min_sites else "federation.num-sites"
+        raise ConfigError(f"secure aggregation needs at least {MIN_SECURE_SITES} sites per round ({key} = "
+                          f"{per_round}); use more sites, or turn it off with secagg.enabled = false "
+                          "(`medfed run --no-secure-aggregation`; the server then sees each site's update)", key=key)
+    threshold = secagg.reconstruction_threshold
+    neighbourhood = min(secagg.num_shares or per_round, per_round)
+    if secagg.enabled and threshold and (threshold < 2 or (threshold > neighbourhood
+                                                           and (secagg.num_shares or per_round <= 21))):
+        raise ConfigError(f"config key 'secagg.reconstruction-threshold' must be 0 (a majority) or in [2, "
+                          f"{neighbourhood}], the sites sharing each mask with {per_round} site(s) per round (got "
+                          f"{threshold})", key="secagg.reconstruction-threshold")
+    if secagg.enabled and fed.num_sites * secagg.quantization_range >= SECAGG_MODULUS:
+        raise ConfigError(f"secagg.quantization-range ({secagg.quantization_range}) x federation.num-sites "
+                          f"({fed.num_sites}) must stay below 2**32, the SecAgg+ modulus; lower "
+                          f"secagg.quantization-range to at most {(SECAGG_MODULUS - 1) // fed.num_sites} or use "
+                          "fewer sites", key="secagg.quantization-range")
+
+
+# --- what each key means --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """One config key as ``medfed config`` shows it."""
+
+    key: str
+    """``section.key-name``."""
+    value: Scalar
+    """The value in the config described."""
+    kind: str
+    """``true or false``, ``an integer``, ``a number`` or ``text``."""
+    description: str
+    """The field's docstring in this module, on one line."""
+    allowed: str
+    """Allowed values or range rules; empty when any value of ``kind`` is accepted."""
+
+
+@functools.cache
+def _field_docs() -> dict[str, str]:
+    """``{"ClassName.field": docstring}``: the string below each dataclass field in this module's source."""
+    docs: dict[str, str] = {}
+    try:
+        tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
+    except OSError:  # installed without sources: keys are still listed, without descriptions
+        return docs
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for a, b in zip(node.body, node.body[1:]):
+            if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+                    and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
+                text = re.sub(r":\w+:`([^`]*)`", r"\1", " ".join(b.value.value.split()))
+                docs[f"{node.name}.{a.target.id}"] = text.replace("``", "")
+    return docs
+
+
+def describe_keys(cfg: RunConfig | None = None) -> list[KeyInfo]:
+    """Every key of ``cfg`` (default: the defaults) with its value, description and allowed values."""
+    cfg = cfg or RunConfig()
+    docs = _field_docs()
+    rules: dict[str, list[str]] = {}
+    for _ok, key, message in range_checks(cfg):
+        rules.setdefault(key, []).append(message)
+    out: list[KeyInfo] = []
+    for section, sub in _sections(cfg):
+        hints = typing.get_type_hints(type(sub))
+        for f in dataclasses.fields(sub):
+            key = _key(section, f.name)
+            if key in CHOICES:
+                allowed = "one of " + ", ".join(CHOICES[key])
+            elif key == "train.device":
+                allowed = "one of " + DEVICES
+            else:
+                allowed = "; ".join(rules.get(key, []))
+            out.append(KeyInfo(key, getattr(sub, f.name), _TYPE_WORDS[hints[f.name]],
+                               docs.get(f"{type(sub).__name__}.{f.name}", ""), allowed))
+    return out

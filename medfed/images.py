@@ -20,13 +20,14 @@ def save_png(image: torch.Tensor, path: str | Path) -> None:
     write_png(to_uint8(image.unsqueeze(0))[0], str(path))
 
 
-def save_grid(images: torch.Tensor, path: str | Path, pad: int = 2) -> Path:
-    """Write (N, C, H, W) images in [-1, 1] as one roughly square PNG grid; returns the path."""
+def save_grid(images: torch.Tensor, path: str | Path, pad: int = 2, nrow: int | None = None) -> Path:
+    """Write (N, C, H, W) images in [-1, 1] as one PNG grid of ``nrow`` images per row (default: roughly square);
+    returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = to_uint8(images)
     if pixels.shape[1] == 1:
         pixels = pixels.repeat(1, 3, 1, 1)
-    grid = make_grid(pixels, nrow=math.ceil(math.sqrt(len(pixels))), padding=pad, pad_value=128)
+    grid = make_grid(pixels, nrow=nrow or math.ceil(math.sqrt(len(pixels))), padding=pad, pad_value=128)
     write_png(grid, str(path))
     return path

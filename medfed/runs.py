@@ -8,8 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medfed.config import RunConfig, to_dict
-from medfed.errors import ConfigError
+from medfed.config import RUN_CONFIG_FILE, RunConfig, to_dict, write_config_file
+from medfed.contracts import RoundRecord, round_records
+from medfed.errors import ConfigError, MedfedError
+
+
+class IncompleteRunError(MedfedError):
+    """A federated run aggregated fewer rounds than it was asked for."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,23 @@ class RunDir:
             return []
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
 
+    def rounds(self) -> list[RoundRecord]:
+        """The federated rounds recorded in ``metrics.jsonl`` (typed; other lines skipped)."""
+        return round_records(self.read_metrics())
+
+    def require_rounds(self, asked: int) -> list[RoundRecord]:
+        """The run's rounds, or :class:`IncompleteRunError` when fewer than ``asked`` were aggregated: the
+        message lists each round that was not, with who refused or failed and why."""
+        records = self.rounds()
+        done = sum(1 for r in records if r.aggregated)
+        if done < asked:
+            lines = [r.summary_line() for r in records if not r.aggregated]
+            missing = asked - len(records)
+            if missing > 0:
+                lines.append(f"{missing} round(s) never recorded (see {self.root / 'flower' / 'serverapp.log'})")
+            raise IncompleteRunError(f"{self.root}: {done} of {asked} rounds aggregated; " + "; ".join(lines))
+        return records
+
     def write_json(self, path: Path, obj: Any) -> Path:
         path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
         return path
@@ -62,7 +84,8 @@ def run_name(cfg: RunConfig) -> str:
 
 
 def open_run(cfg: RunConfig, name: str | None = None) -> RunDir:
-    """Create the run folder (or reopen it when ``output.resume`` is set) and write ``config.json``.
+    """Create the run folder (or reopen it when ``output.resume`` is set) and write ``config.json`` and
+    ``run.toml``.
 
     Raises:
         ConfigError: the folder already holds a run and ``output.resume`` is off, or resume finds no run.
@@ -76,4 +99,5 @@ def open_run(cfg: RunConfig, name: str | None = None) -> RunDir:
     for folder in (run.root, run.checkpoints, run.samples):
         folder.mkdir(parents=True, exist_ok=True)
     run.write_json(run.config_path, to_dict(cfg))
+    write_config_file(cfg, run.root / RUN_CONFIG_FILE)  # `--config run.toml` reads it back
     return run

@@ -71,6 +71,33 @@ def write_planted_dicoms(folder: Path, sources: dict[str, int], series_tag: str 
     return sorted(set(secrets))
 
 
+PRIVATE_TRANSFER_SYNTAX = f"{UID_ROOT}.77.1"
+"""A vendor's private transfer syntax under the hospital's UID root: the header parses, the pixel data cannot be
+decoded, and pydicom's error quotes the UID (``... 'Transfer Syntax UID' value of '<uid>' is not supported``)."""
+
+
+def write_undecodable_dicom(folder: Path, name: str = "private_syntax.dcm") -> list[str]:
+    """A planted copy of ``CT_small.dcm`` (all :data:`PLANTED` values, own UIDs) whose pixel data no decoder
+    reads because its transfer syntax is :data:`PRIVATE_TRANSFER_SYNTAX`: the decoder's error message carries a
+    header value, so only the reader's redaction keeps it out of the reason a site logs or reports.
+
+    Returns:
+        every planted value of the file, for leak searches.
+    """
+    import pydicom
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    for keyword, value in PLANTED.items():
+        setattr(ds, keyword, value)
+    ds.StudyInstanceUID = f"{UID_ROOT}.88"
+    ds.SeriesInstanceUID = f"{UID_ROOT}.88.1"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{UID_ROOT}.88.1.1"
+    ds.file_meta.TransferSyntaxUID = PRIVATE_TRANSFER_SYNTAX
+    ds.save_as(folder / name)
+    return sorted({*PLANTED.values(), UID_ROOT, PRIVATE_TRANSFER_SYNTAX, ds.SOPInstanceUID, ds.SeriesInstanceUID})
+
+
 def write_pngs(folder: Path, npz: Path, count: int, split: str = "train") -> np.ndarray:
     """The first ``count`` images of a MedMNIST archive as PNGs in ``folder``; returns them (N, H, W) uint8."""
     from PIL import Image

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import itertools
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -582,6 +583,53 @@ def test_rgb_images_become_rgb_secondary_captures(tmp_path):
     ds = pydicom.dcmread(path)
     assert ds.PhotometricInterpretation == "RGB" and ds.SamplesPerPixel == 3
     np.testing.assert_array_equal(ds.pixel_array, pixels)
+
+
+def test_exact_duplicate_real_images_are_never_exported_twice(gate, breastmnist):
+    # Two distinct BreastMNIST test images, the first stored ten times: a draw of 2 without deduplication picks
+    # two copies of it 82% of the time.
+    archive = np.load(breastmnist)
+    pixels = archive["test_images"][[0] * 10 + [1]]
+    real = from_uint8(pixels, archive["test_labels"][[0] * 10 + [1]], "duplicated", channels_last=True)
+    approve_real_export(gate["state"], gate["audit"], "Dr. A", max_real_images=3)
+    generated = read_generated_folder(gate["pngs"][0].parent)
+    for attempt in range(5):
+        out = gate["tmp"] / f"dedup-{attempt}"
+        approval = authorize_real_export(gate["state"], gate["audit"], gate["images"], 2)
+        export_study(out, generated, real=real, num_real=2, approval=approval, show_progress=False)
+        truth = read_key(out / "coordinator" / "unblinding-key.json").by_id()
+        exported = {hashlib.sha256(decode_image(str(out / "for-raters" / "images" / f"{i}.png")).numpy().tobytes())
+                    .hexdigest() for i in truth if truth[i].source == "real"}
+        assert exported == {hashlib.sha256(pixels[j][None].tobytes()).hexdigest() for j in (0, 10)}
+    approval = authorize_real_export(gate["state"], gate["audit"], gate["images"], 3)
+    with pytest.raises(MedfedError, match="3 real images requested but it holds 2 distinct images"):
+        export_study(gate["tmp"] / "dedup-too-many", generated, real=real, num_real=3, approval=approval,
+                     show_progress=False)
+    assert not (gate["tmp"] / "dedup-too-many").exists()
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """dciodvfy's (Debian dicom3tools) Error lines for one file; it reports on stderr."""
+    done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None,
+                    reason="dciodvfy not installed (apt-get install dicom3tools; .ci/run installs it)")
+def test_exported_dicoms_pass_dciodvfy(study, tmp_path):
+    from medfed.clinician_review.dicom import series_header, write_secondary_capture
+
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    files = [*sorted((study["raters"] / "dicom").glob("*.dcm")),  # blinded mix of synthetic and real, grayscale
+             write_secondary_capture(rgb, tmp_path / "rgb.dcm", series_header("rgb", blinded_mix=False), 1)]
+    assert len(files) == NUM_GENERATED + NUM_REAL + 1
+    for path in files:
+        assert dciodvfy_errors(path) == [], path
+    # The check itself finds errors: without the Type 2C attributes the same file fails.
+    broken = pydicom.dcmread(files[0])
+    del broken.Laterality, broken.PatientOrientation
+    broken.save_as(tmp_path / "broken.dcm", enforce_file_format=True)
+    assert len(dciodvfy_errors(tmp_path / "broken.dcm")) == 2
 
 
 def test_synthetic_only_export_from_a_checkpoint_labels_each_dicom_synthetic(generated_dir, tmp_path):

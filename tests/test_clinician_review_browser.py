@@ -24,6 +24,8 @@ from medfed.clinician_review.ratings import read_ratings_table
 from medfed.config import from_flat
 from medfed.models import build_unet
 
+pytestmark = pytest.mark.slow  # drives a real headless Chromium
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]

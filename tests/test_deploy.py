@@ -31,6 +31,7 @@ from medfed.deploy.foreground import NOT_ACTIVATED, ServiceExited, explain_super
 from medfed.deploy.pki import create_ca
 from medfed.deploy.server import CONNECTION, ServerDir, node_statuses, site_table, submit_deployed_run
 from medfed.deploy.site import run_site
+from medfed.datasets.cache import decode_count
 from medfed.deploy.sitecfg import read_site_config
 from medfed.federation.deployment import run_status, start_supernode
 from medfed.federation.processes import MARKER, ProcessSession, bin_dir, free_port, pids_with_env
@@ -41,8 +42,9 @@ from medical_files import find_leaks, write_planted_dicoms
 pytestmark = pytest.mark.slow
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
-CAPS = {"hospital-a": 9.0, "hospital-b": 100.0, "hospital-c": 100.0}
-"""hospital-a's cap fits run 1 (2 rounds planned to epsilon 8) but no further round."""
+CAPS = {"hospital-a": 17.0, "hospital-b": 100.0, "hospital-c": 100.0}
+"""hospital-a's cap fits run 1 (2 rounds planned to epsilon 8) and the one-round rollback run (epsilon 8), but no
+further round."""
 RUN_SETTINGS = ["--set", "federation.sample-every=0", "--set", "train.num-samples=4", "--set",
                 "diffusion.sample-steps=4", "--set", "train.device=cpu", "--set", "federation.round-timeout=300",
                 "--set", "secagg.max-weight=64"]
@@ -176,10 +178,36 @@ def first_run(deployment):
     return RunDir(deployment.server.runs / "first")
 
 
+def invoke(*args: object):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
 @pytest.fixture(scope="module")
-def second_run(deployment, first_run):
-    """hospital-a's SuperNode is stopped and started again, then a second run of one round (secure aggregation
-    off to keep the test short: the budget gate is the point here)."""
+def rollback_run(deployment, first_run):
+    """Between runs, hospital-b's operator truncates its privacy ledger (drops the last round's entry, which would
+    give the spent budget back). The next run's round is refused by hospital-b, whose ledger no longer extends the
+    coordinator's anchor; the two others, left alone, withhold their key shares (a sum over 2 sites). The ledger is
+    put back afterwards."""
+    state = deployment.sites["hospital-b"] / "state"
+    ledger = site_ledger(state).path
+    original = ledger.read_bytes()
+    ledger.write_bytes(b"".join(original.splitlines(keepends=True)[:-1]))
+    try:
+        verify = invoke("privacy", "verify", state, "--anchors", deployment.server.anchors, "--site", "hospital-b")
+        report = invoke("privacy", "report", "--site", state, "--site-name", "hospital-b", "--anchors",
+                        deployment.server.anchors, "--out", deployment.root / "rollback-report")
+        _, run, status = submit_deployed_run(deployment.server, run_config("rollback", 1), show_progress=False)
+        assert status["status"] == "finished:completed", status
+    finally:
+        ledger.write_bytes(original)
+    return run, verify, report
+
+
+@pytest.fixture(scope="module")
+def second_run(deployment, rollback_run):
+    """hospital-a's SuperNode is stopped and started again, then a second run of one round: hospital-a is at its
+    cap and refuses; the other two would be a sum over 2 sites, below their policy's minimum (3), so they refuse
+    too and nothing is aggregated."""
     site_a = dict(deployment.session.processes)["hospital-a"]
     site_a.send_signal(signal.SIGTERM)
     assert wait_exit(site_a, 60) == 128 + signal.SIGTERM
@@ -189,10 +217,25 @@ def second_run(deployment, first_run):
     assert status["hospital-a"] == "offline"  # it signed off at the SuperLink, so it can come back at once
     deployment.start_site("hospital-a", log_name="hospital-a-restarted")
     deployment.wait_online(SITES)
-    cfg = run_config("second", 1, "federation.min-sites=2", "secagg.enabled=false")
-    run_id, run, status = submit_deployed_run(deployment.server, cfg, show_progress=False)
+    run_id, run, status = submit_deployed_run(deployment.server, run_config("second", 1), show_progress=False)
     assert status["status"] == "finished:completed", status
     return run_id, run
+
+
+@pytest.fixture(scope="module")
+def policy_runs(deployment, second_run):
+    """A coordinator submits, in turn, runs that break the sites' (default, strict) policy. Each site refuses,
+    before it loads any data; the runs end cleanly with the refusals recorded."""
+    before = {name: len(site_ledger(deployment.sites[name] / "state").entries()) for name in SITES}
+    runs = {}
+    for rule, setting in [("policy.require-dp", "privacy.enabled=false"),
+                          ("policy.require-secure-aggregation", "secagg.enabled=false"),
+                          ("policy.delta", "privacy.delta=0.5")]:
+        cfg = run_config(f"breaks-{rule}", 1, setting, "federation.round-timeout=120")
+        _, run, status = submit_deployed_run(deployment.server, cfg, show_progress=False)
+        assert status["status"] == "finished:completed", (rule, status)
+        runs[rule] = run
+    return runs, before
 
 
 def ledger_rounds(deployment, name):
@@ -229,20 +272,24 @@ def test_secure_private_run_completes_with_three_sites(deployment, first_run):
         runs = session.flwr_json(["ls", CONNECTION]).get("runs", [])
         assert [r["status"] for r in runs] == ["finished:completed"]
         assert run_status(session, CONNECTION, int(runs[0]["run-id"]))["status"] == "finished:completed"
-    rounds = [r for r in first_run.read_metrics() if "round" in r]
-    assert [r["round"] for r in rounds] == [1, 2]
+    rounds = first_run.rounds()
+    assert [r.round for r in rounds] == [1, 2]
     for r in rounds:
-        assert r["aggregated"] and r["sites_participating"] == list(SITES) and not r["failures"]
+        assert r.aggregated and r.participants == list(SITES) and len(r.sites) == 3
+        assert r.weights == {"hospital-a": 64.0, "hospital-b": 64.0, "hospital-c": 40.0}  # the declared sizes
     summary = json.loads(first_run.summary_path.read_text())
-    assert summary["rounds_completed"] == 2
+    assert summary["rounds_completed"] == 2 and summary["refusals"] == []
     assert summary["privacy"]["label"].startswith("DP-SGD")
     assert sorted(summary["privacy"]["sites"]) == list(SITES)
-    if "secure_aggregation" in summary:  # SecAgg+ is on by default wherever the code provides it
-        assert summary["secure_aggregation"]["rounds"].keys() == {"1", "2"}
+    assert summary["secure_aggregation"]["rounds"].keys() == {"1", "2"}
     out = cli("server", "rounds", first_run.root)
-    assert "round 2: aggregated; took part: hospital-a, hospital-b, hospital-c; missing: -" in out
+    assert "round 2: aggregated | trained: hospital-a, hospital-b, hospital-c" in out
     leaks = find_leaks([p for p in deployment.server.root.rglob("*") if p.is_file()], deployment.secrets)
     assert not leaks, leaks[:5]
+    # every site answered 8 messages (4 SecAgg+ stages x 2 rounds), each in a fresh process, but decoded its
+    # data once (the cache in its own state folder)
+    for name in SITES:
+        assert decode_count(deployment.sites[name] / "state") == 1, name
 
 
 def test_each_site_ledger_and_privacy_report_show_the_budget_spent(deployment, first_run):
@@ -268,25 +315,56 @@ def test_each_site_ledger_and_privacy_report_show_the_budget_spent(deployment, f
         assert f"epsilon {site['spent_epsilon']:.4f}" in out
 
 
+def test_a_rolled_back_ledger_is_refused_and_named(deployment, first_run, rollback_run):
+    run, verify, report = rollback_run
+    anchors = json.loads(deployment.server.anchors.read_text())["sites"]
+    assert sorted(anchors) == list(SITES)  # the first run's heads, recorded by the coordinator
+    for result in (verify, report):  # one-line errors (MedfedError: the console entry point prints it)
+        said = result.output + str(result.exception)
+        assert result.exit_code != 0 and "truncated" in said, said
+    (record,) = run.rounds()
+    reasons = {s.site: (s.status.value, s.reason.value if s.reason else None) for s in record.sites}
+    assert reasons["hospital-b"] == ("refused", "ledger"), record
+    assert not record.aggregated
+    assert [e.data["run_name"] for e in ledger_rounds(deployment, "hospital-b")] == ["first", "first"]
+
+
 def test_restarted_site_keeps_its_budget_and_refuses_at_its_cap(deployment, first_run, second_run):
     _, run = second_run
     restarted = deployment.site_log("hospital-a-restarted")
     spent_first = ledger_rounds(deployment, "hospital-a")[-1].data["epsilon"]
-    assert f"epsilon spent {spent_first:.4f} of cap 9" in restarted  # read back from its ledger at start
-    entries = site_ledger(deployment.sites["hospital-a"] / "state").entries()
+    assert f"epsilon spent {spent_first:.4f} of cap 17" in restarted  # read back from its ledger at start
+    entries = [e for e in site_ledger(deployment.sites["hospital-a"] / "state").entries() if e.kind != "key-rotation"]
     refusals = [e for e in entries if e.kind == "refusal"]
     assert len(refusals) == 1 and refusals[0].data["run_name"] == "second"
     assert "privacy cap reached" in refusals[0].data["reason"]
-    assert [e.kind for e in entries] == ["round", "round", "refusal"]
-    (record,) = [r for r in run.read_metrics() if "round" in r]
-    assert record["aggregated"] and record["sites_participating"] == ["hospital-b", "hospital-c"]
-    assert any("hospital-a refused round 1: privacy cap reached" in f for f in record["failures"]), record
-    assert "privacy cap reached" in cli("server", "rounds", run.root)
-    for name in ("hospital-b", "hospital-c"):
-        assert [e.data["run_name"] for e in ledger_rounds(deployment, name)] == ["first", "first", "second"]
+    # run 1 (2 rounds), the rollback run (it trained; the round was not aggregated), then the refusal
+    assert [e.kind for e in entries] == ["round", "round", "round", "refusal"]
+    (record,) = run.rounds()
+    reasons = {s.site: (s.status.value, s.reason.value if s.reason else None) for s in record.sites}
+    assert reasons == {"hospital-a": ("refused", "privacy-cap"),
+                       "hospital-b": ("refused", "policy.min-sites-per-round"),
+                       "hospital-c": ("refused", "policy.min-sites-per-round")}, record
+    assert not record.aggregated  # a sum over 2 sites would have revealed each to the other
+    assert "privacy-cap" in cli("server", "rounds", run.root)
+    for name in ("hospital-b", "hospital-c"):  # refused before training in this run: nothing spent
+        assert "second" not in [e.data["run_name"] for e in ledger_rounds(deployment, name)]
 
 
-def test_revoked_site_is_disconnected(deployment, second_run):
+def test_sites_refuse_runs_that_break_their_policy_and_spend_nothing(deployment, policy_runs):
+    runs, before = policy_runs
+    for rule, run in runs.items():
+        (record,) = run.rounds()
+        assert not record.aggregated
+        assert {s.site: (s.status.value, s.reason.value) for s in record.sites} == {
+            name: ("refused", rule) for name in SITES}, (rule, record)
+        summary = json.loads(run.summary_path.read_text())
+        assert summary["rounds_completed"] == 0 and {r["reason"] for r in summary["refusals"]} == {rule}
+    for name in SITES:  # no round entry, no spend, no update: the ledgers did not move
+        assert len(site_ledger(deployment.sites[name] / "state").entries()) == before[name], name
+
+
+def test_revoked_site_is_disconnected(deployment, policy_runs):
     out = cli("server", "revoke-site", "hospital-c", "--dir", deployment.server.root)
     assert "revoked site 'hospital-c'" in out
     site_c = dict(deployment.session.processes)["hospital-c"]
@@ -296,7 +374,7 @@ def test_revoked_site_is_disconnected(deployment, second_run):
     assert status["hospital-c"] == "unregistered"
 
 
-def test_every_process_is_cleaned_up(deployment, second_run):
+def test_every_process_is_cleaned_up(deployment, policy_runs):
     deployment.close()
     assert deployment.left_running == [], "processes left running after the deployment closed"
     assert all(p.poll() is not None for _, p in deployment.session.processes)

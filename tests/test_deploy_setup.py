@@ -14,6 +14,7 @@ from flwr.cli.supernode.register import try_load_public_key
 from typer.testing import CliRunner
 
 from medfed.cli import app
+from medfed.contracts import NodeConfig, SitePolicy
 from medfed.deploy.pki import (KeyFileError, certificate_names, create_ca, create_site_key, load_certificate,
                                public_key_fingerprint, write_private)
 from medfed.deploy.server import ServerDir, register_site
@@ -103,20 +104,22 @@ def init_site(tmp_path, data, fmt="npz", **extra):
             "coord.example.org:9092", "--ca-cert", str(ca), "--data", str(data), "--format", fmt,
             "--cap-epsilon", "10"]
     for k, v in extra.items():
-        args += [f"--{k.replace('_', '-')}", str(v)]
+        args += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
     return CliRunner().invoke(app, args)
 
 
 def test_site_init_writes_a_private_site_folder_and_its_node_config(tmp_path, breastmnist):
-    out = init_site(tmp_path, breastmnist, cap_delta=1e-6, runtime_port=9095)
+    out = init_site(tmp_path, breastmnist, delta=1e-6, runtime_port=9095, share_evaluation=True)
     assert out.exit_code == 0, out.output
     site = tmp_path / "site"
     cfg = read_site_config(site)
     assert mode(site) == 0o700 and mode(cfg.private_key) == 0o600 and mode(cfg.state_dir) == 0o700
     assert cfg.ca_cert == site / "ca.crt" and cfg.runtime_port == 9095
-    assert cfg.node_config() == {"data-path": str(breastmnist), "data-format": "npz", "site-name": "hospital-a",
-                                 "state-dir": str(site / "state"), "privacy-cap-epsilon": 10.0,
-                                 "privacy-cap-delta": 1e-6}
+    node = NodeConfig.from_flower(cfg.node_config())  # what the site's ClientApp will read
+    assert (node.data_path, node.data_format, node.site_name, node.state_dir, node.cap_epsilon) == (
+        str(breastmnist), "npz", "hospital-a", str(site / "state"), 10.0)
+    # the policy: delta as given, strict defaults, share-evaluation as asked, the dataset size counted at init
+    assert node.policy == SitePolicy(delta=1e-6, share_evaluation=True, dataset_size=546)
     assert public_key_fingerprint(site / "site-key.pub") in out.output
     assert "medfed server register-site hospital-a.pub --name hospital-a --fingerprint SHA256:" in out.output
     again = init_site(tmp_path, breastmnist)
@@ -174,3 +177,36 @@ def test_register_refuses_a_key_whose_fingerprint_the_site_did_not_give(tmp_path
     pair = create_site_key(tmp_path / "k", comment="x")
     with pytest.raises(ConfigError, match="does not match"):
         register_site(ServerDir(tmp_path / "srv"), pair.public, "hospital-a", fingerprint="SHA256:abc")
+
+
+def test_site_and_server_folders_hold_only_private_files(tmp_path, breastmnist):
+    """Keys, ledgers, configs and registries are 0600 in 0700 folders; only certificates and public keys are
+    readable by others."""
+    from medfed.deploy.server import SiteRecord, write_registry
+    from medfed.privacy.anchors import AnchorStore, LedgerHead
+    from medfed.privacy.ledger import KEY_FILE, site_ledger
+
+    assert init_site(tmp_path, breastmnist).exit_code == 0
+    site = tmp_path / "site"
+    cfg = read_site_config(site)
+    ledger = site_ledger(cfg.state_dir)
+    entry = ledger.append("approval", {"action": "test", "granted": True, "by": "x"})
+    assert (cfg.state_dir / KEY_FILE).resolve() == cfg.private_key  # the site's key signs its ledger
+    server = tmp_path / "srv"
+    assert CliRunner().invoke(app, ["server", "init", "--dir", str(server)]).exit_code == 0
+    sd = ServerDir(server)
+    write_registry(sd, [SiteRecord("hospital-a", 1, "SHA256:x", "ecdsa-sha2-nistp384 AAAA", "2026-01-01T00:00:00Z")])
+    AnchorStore(sd.anchors).update("hospital-a", LedgerHead(1, entry.hash))
+    assert sd.anchors.parent == sd.registry.parent
+    public = (".crt", ".pub")
+    for root in (site, server):
+        for path in [root, *root.rglob("*")]:
+            if path.is_symlink():
+                continue
+            if path.is_dir():
+                assert mode(path) == 0o700, path
+            elif path.suffix not in public:
+                assert mode(path) == 0o600, path
+    for path in (ledger.path, ledger.path.with_name(ledger.path.name + ".lock"), sd.registry, sd.anchors,
+                 sd.ca.key, sd.server_key, cfg.private_key):
+        assert path.exists() and mode(path) == 0o600, path

@@ -4,14 +4,19 @@ import signal
 import time
 
 import numpy as np
+import pytest
 
 from conftest import small_run_config
 from medfed.checkpoint import load_checkpoint
+from medfed.contracts import NodeConfig, SitePolicy
+from medfed.datasets.cache import decode_count
 from medfed.federation.deployment import (run_status, save_run_log, start_superlink, start_supernode, submit_run,
                                           wait_finished, write_connection)
 from medfed.federation.flower_app import write_flower_app
 from medfed.federation.processes import ProcessSession, free_port
 from medfed.runs import RunDir
+
+pytestmark = pytest.mark.slow  # starts a real SuperLink and SuperNodes
 
 
 def write_site_files(breastmnist, folder, names):
@@ -38,8 +43,11 @@ def test_superlink_and_supernodes_on_localhost(tmp_path, breastmnist):
         start_superlink(session, port, database=tmp_path / "superlink.db")
         for name in sites:
             start_supernode(session, f"127.0.0.1:{port}", free_port(), name=name,
-                            node_config={"data-path": str(data[name]), "data-format": "npz", "site-name": name,
-                                         "state-dir": str(tmp_path / "state" / name), "privacy-cap-epsilon": 50.0})
+                            node_config=NodeConfig(
+                                site_name=name, data_path=str(data[name]), data_format="npz",
+                                state_dir=str(tmp_path / "state" / name), cap_epsilon=50.0,
+                                policy=SitePolicy(delta=1e-5, dataset_size=60, min_sites_per_round=2,
+                                                  require_secure_aggregation=False)).to_flower())
         write_connection(session, "local", f"127.0.0.1:{port}")
         run_id = submit_run(session, app, "local")
         # hospital-c's SuperNode disappears mid-round, once it has received the round's model: the round must
@@ -54,10 +62,13 @@ def test_superlink_and_supernodes_on_localhost(tmp_path, breastmnist):
         save_run_log(session, "local", run_id, tmp_path / "serverapp.log")
         assert status["status"] == "finished:completed", (status, (tmp_path / "serverapp.log").read_text()[-3000:])
         assert run_status(session, "local", run_id)["status"] == "finished:completed"
-    (round_1,) = [r for r in run.read_metrics() if "round" in r]
-    assert sorted(round_1["sites_participating"]) == ["hospital-a", "hospital-b"] and round_1["aggregated"]
-    assert round_1["sites_sampled"] == 3 and len(round_1["sites_missing"]) == 1
-    assert len(round_1["failures"]) == 1  # the SuperLink's own reply for the vanished site, matched to it
+    (round_1,) = run.rounds()
+    assert round_1.participants == ["hospital-a", "hospital-b"] and round_1.aggregated
+    # the SuperLink's own reply for the vanished site, matched to it: sampled, then missing
+    (missing,) = [s for s in round_1.sites if s.status.value != "trained"]
+    assert missing.status.value == "missing" and len(round_1.sites) == 3
+    # each site decoded its data once, though it answered several messages (cache in its state folder)
+    assert all(decode_count(tmp_path / "state" / name) == 1 for name in ("hospital-a", "hospital-b"))
     assert load_checkpoint(run.latest_checkpoint).step == 1
     for name in sites[:2]:  # each site's own ledger holds what it spent
         assert (tmp_path / "state" / name / "privacy-ledger.jsonl").exists()

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from medfed.config import DiffusionConfig
-from medfed.diffusion import make_scheduler, per_sample_loss, sample_images
+from medfed.diffusion import denoising_error, draw_noisy_inputs, make_scheduler, per_sample_loss, sample_images
 from medfed.models import build_unet
 
 
@@ -49,3 +49,15 @@ def test_sampling_is_reproducible_per_seed():
     run = lambda seed: sample_images(net, cfg, 4, (1, 28, 28), device=torch.device("cpu"), seed=seed)  # noqa: E731
     torch.testing.assert_close(run(1), run(1))
     assert not torch.allclose(run(1), run(2))
+
+
+def test_per_sample_loss_is_the_denoising_error_of_one_noise_draw():
+    model, sched = build_unet("pico", 1), make_scheduler(DiffusionConfig())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    x0 = torch.rand(3, 1, 28, 28) * 2 - 1
+    loss = per_sample_loss(model, sched, x0, torch.Generator().manual_seed(5))
+    x_t, t, eps = draw_noisy_inputs(sched, x0, 1, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(loss, denoising_error(model(x_t[:, 0], t[:, 0]), eps[:, 0]))
+    torch.testing.assert_close(denoising_error(torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)), torch.ones(2))

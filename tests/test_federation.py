@@ -16,6 +16,9 @@ from flower_apps import app_files
 from medfed.checkpoint import load_checkpoint
 from medfed.federation.processes import pids_with_env
 from medfed.federation.simulation import run_simulation
+from medfed.runs import RunDir
+
+pytestmark = pytest.mark.slow  # every test starts a Flower simulation
 
 
 def checkpoint_arrays(run, round_):
@@ -27,7 +30,7 @@ def recorded_run(tmp_path_factory, breastmnist):
     cfg = small_run_config(tmp_path_factory.mktemp("fed"), "three-sites", **{
         "data.dataset": "npz", "data.path": str(breastmnist), "data.limit": 240, "federation.num-sites": 3,
         "federation.rounds": 2, "federation.partition": "dirichlet", "federation.dirichlet-beta": 0.5,
-        "secagg.enabled": False})  # exact FedAvg; tests/test_secagg.py checks the secure path
+        "secagg.enabled": False, "policy.require-secure-aggregation": False})  # exact FedAvg; SecAgg+: test_secagg
     return run_simulation(cfg, clientapp="medfed_test_apps.recording:app", extra_files=app_files("recording"),
                           show_progress=False)
 
@@ -50,20 +53,31 @@ def test_global_model_changes_every_round(recorded_run):
         assert max(float(np.abs(a - b).max()) for a, b in zip(old, new)) > 1e-4
 
 
-def test_round_metrics_report_each_site(recorded_run):
-    rounds = [r for r in recorded_run.read_metrics() if "round" in r]
-    assert [r["round"] for r in rounds] == [1, 2]
+def test_server_keeps_an_ema_of_the_global_model(recorded_run):
+    """federation.ema-decay 0.9 with the warm-up: after round 1 the EMA is 0.1 x start + 0.9 x round 1, after round
+    2 (decay 2/11) it is 2/11 x that + 9/11 x round 2; checkpoints sample with it."""
+    start, one, two = (load_checkpoint(recorded_run.checkpoints / f"round_{r:04d}.pt") for r in (0, 1, 2))
+    expect_one = {k: 0.1 * start.model[k] + 0.9 * one.model[k] for k in one.model}
+    expect_two = {k: (2 / 11) * expect_one[k] + (9 / 11) * two.model[k] for k in two.model}
+    for k in two.model:
+        if two.model[k].is_floating_point():
+            np.testing.assert_allclose(two.ema[k].numpy(), expect_two[k].numpy(), rtol=1e-5, atol=1e-6)
+    assert two.sampling_weights() is two.ema
+
+
+def test_round_records_report_each_site_and_nothing_that_depends_on_its_data(recorded_run):
+    rounds = recorded_run.rounds()
+    assert [r.round for r in rounds] == [1, 2]
     for r in rounds:
-        assert sorted(r["train_loss"]) == ["site-0", "site-1", "site-2"]
-        assert all(0 < v < 2 for v in r["train_loss"].values())
-        assert r["sites_missing"] == [] and r["aggregated"]
-        assert sum(r["num_examples"].values()) == 240
-        assert r["bytes_down"] > 3 * 280_177 * 4 and r["bytes_up"] > 3 * 280_177 * 4
-        assert r["wall_s"] > 0
-        assert sorted(r["site_seconds"]) == ["site-0", "site-1", "site-2"]
-        assert 0 < sum(r["site_seconds"].values()) < r["wall_s"]  # the sites train one after another here
+        assert r.participants == ["site-0", "site-1", "site-2"] and r.aggregated
+        assert sum(r.weights.values()) == 240  # the declared sizes (in simulation: each shard's count)
+        assert all(0 < eps <= 8.0 + 1e-6 for eps in r.epsilon.values()) and len(r.epsilon) == 3
+        # a private run: losses and timing stay at the sites
+        assert r.train_loss == {} and r.site_seconds == {}
+        assert r.bytes_down > 3 * 280_177 * 4 and r.bytes_up > 3 * 280_177 * 4
+        assert r.wall_s > 0
     summary = json.loads(recorded_run.summary_path.read_text())
-    assert summary["rounds_completed"] == 2
+    assert summary["rounds_completed"] == 2 and summary["rounds_asked"] == 2 and summary["refusals"] == []
     assert (recorded_run.root / "rounds.png").stat().st_size > 0
     assert (recorded_run.samples / "round_0002.png").exists()
 
@@ -71,20 +85,21 @@ def test_round_metrics_report_each_site(recorded_run):
 def test_faulty_sites_do_not_stop_the_run(tmp_path, breastmnist):
     cfg = small_run_config(tmp_path, "faulty", **{
         "data.dataset": "npz", "data.path": str(breastmnist), "data.limit": 160, "federation.num-sites": 4,
-        "federation.rounds": 2, "federation.min-sites": 1, "secagg.enabled": False})
+        "federation.rounds": 2, "federation.min-sites": 1, "secagg.enabled": False, "privacy.enabled": False,
+        "policy.require-dp": False, "policy.require-secure-aggregation": False, "policy.min-sites-per-round": 1})
     run = run_simulation(cfg, clientapp="medfed_test_apps.faulty:app", extra_files=app_files("faulty"),
                          show_progress=False)
-    rounds = {r["round"]: r for r in run.read_metrics() if "round" in r}
-    assert rounds[1]["aggregated"] and rounds[2]["aggregated"]
-    # round 1: site-1 raised; the others were averaged, the failure is recorded with its reason
-    assert sorted(rounds[1]["train_loss"]) == ["site-0", "site-2", "site-3"]
-    assert len(rounds[1]["sites_missing"]) == 1
-    assert any("simulated crash in local training" in f for f in rounds[1]["failures"])
-    # round 2: NaN and wrongly shaped updates are rejected with reasons, never averaged
-    assert sorted(rounds[2]["rejected"]) == ["site-2", "site-3"]
-    assert "NaN" in rounds[2]["rejected"]["site-2"] and "shape" in rounds[2]["rejected"]["site-3"]
-    assert sorted(rounds[2]["sites_participating"]) == ["site-0", "site-1"]
-    assert sorted(rounds[2]["sites_missing"]) == ["site-2", "site-3"]
+    rounds = {r.round: r for r in run.rounds()}
+    assert rounds[1].aggregated and rounds[2].aggregated
+    # round 1: site-1 raised; the others were averaged; the server records a reason code, not the text
+    assert sorted(rounds[1].train_loss) == ["site-0", "site-2", "site-3"]  # NOT PRIVATE: losses are reported
+    (failed,) = [s for s in rounds[1].sites if s.status.value != "trained"]
+    assert (failed.site, failed.status.value, failed.reason.value) == ("site-1", "refused", "internal-error")
+    assert "simulated crash" not in run.metrics_path.read_text()
+    # round 2: NaN and wrongly shaped updates are rejected, never averaged
+    rejected = {s.site: s.reason.value for s in rounds[2].sites if s.status.value == "rejected"}
+    assert rejected == {"site-2": "invalid-update", "site-3": "invalid-update"}
+    assert rounds[2].participants == ["site-0", "site-1"]
     assert all(np.isfinite(a).all() for a in checkpoint_arrays(run, 2))
 
 
@@ -97,7 +112,7 @@ def flower_processes_of(flwr_home: Path) -> list[int]:
 
 
 def test_interrupted_run_resumes_from_last_checkpoint(tmp_path):
-    args = ["run", "--sites", "2", "--rounds", "2", "--preset", "micro", "--out", str(tmp_path), "--name", "resume",
+    args = ["run", "--sites", "3", "--rounds", "2", "--preset", "micro", "--out", str(tmp_path), "--name", "resume",
             "--set", "data.limit=120", "--set", "train.num-samples=4", "--set", "diffusion.sample-steps=4",
             "--set", "train.device=cpu", "--set", "train.batch-size=32"]
     run_dir = tmp_path / "resume"
@@ -120,8 +135,7 @@ def test_interrupted_run_resumes_from_last_checkpoint(tmp_path):
     done = subprocess.run(medfed_cli(*args, "--resume"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert load_checkpoint(run_dir / "checkpoints" / "latest.pt").step == 2
-    rounds = [r["round"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-              if "round" in r]
+    rounds = [r.round for r in RunDir(run_dir).rounds()]
     assert rounds[-1] == 2 and set(rounds) == {1, 2}
     assert json.loads((run_dir / "summary.json").read_text())["last_round"] == 2
     assert flower_processes_of(run_dir / "flower" / "home") == []

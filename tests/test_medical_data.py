@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from medical_files import (NIBABEL_DATA, PLANTED, copy_nifti, find_leaks, pydicom_file, write_planted_dicoms,
                            write_pngs)
 from medfed.config import DataConfig, RunConfig, from_flat
+from medfed.contracts import NodeConfig, SitePolicy
 from medfed.datasets import load_dataset
 from medfed.datasets.medical import read_site_folder
 from medfed.errors import ConfigError, DatasetError
@@ -345,6 +346,7 @@ def test_persistent_cache_gives_identical_images_and_holds_no_header_values(tmp_
 
 
 def test_deployment_and_simulation_sites_load_their_own_format(tmp_path, breastmnist):
+    from medfed.federation.policy import simulated_node
     from medfed.federation.site import load_site
 
     write_pngs(tmp_path / "png", breastmnist, 4)
@@ -354,12 +356,13 @@ def test_deployment_and_simulation_sites_load_their_own_format(tmp_path, breastm
                      f"folder:{tmp_path / 'png'};dicom:{tmp_path / 'dcm'};nifti:{tmp_path / 'nii'}"})
     sizes = []
     for pid in range(3):
-        site = load_site(cfg, {"partition-id": pid, "num-partitions": 3})
+        site = load_site(cfg, simulated_node(cfg, pid, 3))
         sizes.append(len(site.data))
         assert site.data.image_shape == (1, 32, 32)
     assert sizes[:2] == [4, 3] and sizes[2] > 5
-    site = load_site(cfg, {"data-path": str(tmp_path / "dcm"), "data-format": "dicom", "site-name": "hospital-b",
-                           "state-dir": str(tmp_path / "state"), "privacy-cap-epsilon": 10.0})
+    site = load_site(cfg, NodeConfig(data_path=str(tmp_path / "dcm"), data_format="dicom", site_name="hospital-b",
+                                     state_dir=str(tmp_path / "state"), cap_epsilon=10.0,
+                                     policy=SitePolicy(delta=1e-5, dataset_size=3)))
     assert len(site.data) == 3 and site.name == "hospital-b"
     assert not [s for s in secrets if s in site.data.name or s in site.name]
 
@@ -370,8 +373,8 @@ def test_a_bad_site_folder_fails_while_loading_not_while_training(tmp_path):
     write_planted_dicoms(tmp_path / "dcm", {"MR_small.dcm": 2})
     (tmp_path / "dcm" / "MR_small_001.dcm").write_bytes(b"DICM" * 10)
     cfg = RunConfig(data=DataConfig(image_size=32, channels=1))
-    node = {"data-path": str(tmp_path / "dcm"), "data-format": "dicom", "state-dir": str(tmp_path / "state"),
-            "privacy-cap-epsilon": 10.0}
+    node = NodeConfig(data_path=str(tmp_path / "dcm"), data_format="dicom", state_dir=str(tmp_path / "state"),
+                      cap_epsilon=10.0, policy=SitePolicy(delta=1e-5, dataset_size=2))
     with pytest.raises(DatasetError, match="MR_small_001.dcm"):
         load_site(cfg, node)
     skipping = from_flat({"data.image-size": 32, "data.channels": 1, "data.on-error": "skip"})

@@ -1,8 +1,10 @@
+import copy
+
 import pytest
 import torch
 from opacus.validators import ModuleValidator
 
-from medfed.models import PRESETS, build_unet, count_parameters, ema_update
+from medfed.models import PRESETS, build_unet, count_parameters, ema_update, warmup_decay
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -35,3 +37,24 @@ def test_ema_moves_towards_model():
     ema_update(a, b, decay=0.75)
     for old, new, target in zip(before, a.parameters(), b.parameters()):
         torch.testing.assert_close(new, 0.75 * old + 0.25 * target)
+
+
+def test_ema_warm_up_follows_a_short_run():
+    assert [round(warmup_decay(n, 0.999), 4) for n in (0, 8, 80, 10_000)] == [0.1, 0.5, 0.9, 0.999]
+    assert warmup_decay(5, 0.3) == 0.3  # never above the configured decay
+    torch.manual_seed(0)
+    start, trained = build_unet("pico", 1), build_unet("pico", 1)
+    warm, fixed = copy.deepcopy(start), copy.deepcopy(start)
+    for n in range(20):  # 20 updates towards the trained weights
+        ema_update(warm, trained, warmup_decay(n, 0.999))
+        ema_update(fixed, trained, 0.999)
+    gap = lambda m: sum((a - b).norm() ** 2 for a, b in zip(m.parameters(), trained.parameters())) ** 0.5  # noqa: E731
+    assert gap(warm) < 0.01 * gap(start) and gap(fixed) > 0.95 * gap(start)
+
+
+def test_conditional_unet_has_a_null_class_embedding():
+    model = build_unet("pico", 1, num_classes=4)
+    assert model.class_embedding.num_embeddings == 5
+    x = torch.randn(2, 1, 28, 28)
+    assert model(x, torch.tensor([0, 999]), class_labels=torch.tensor([3, 4])).shape == x.shape
+    assert not hasattr(build_unet("pico", 1), "class_embedding")

@@ -1,5 +1,6 @@
 """DP-SGD at the site: accounting, the budget gate, the ledger, per-sample gradients and clipping."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -23,9 +24,10 @@ from medfed.privacy.layer_grads import check_supported, per_layer_grads
 from medfed.privacy.ledger import Ledger, LedgerTamperedError, site_ledger
 
 
-def commit(ledger, cap, plan, r):
+def commit(ledger, cap, plan, r, num_examples=None):
     return commit_round(ledger, cap, plan, site_name="site-x", run_id=7, run_name="test", server_round=r,
-                        max_grad_norm=1.0, noise_multiplicity=1, num_examples=2000)
+                        max_grad_norm=1.0, noise_multiplicity=1,
+                        num_examples=plan.declared_size if num_examples is None else num_examples)
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
@@ -66,6 +68,19 @@ def test_site_refuses_a_round_that_would_exceed_its_cap(tmp_path):
     assert kinds == ["round", "round", "round", "refusal"]
     assert spent_epsilon(ledger, 1e-5, "rdp") <= cap.epsilon
     assert ledger.entries()[-1].data["epsilon_projected"] > cap.epsilon
+
+
+def test_a_round_that_could_not_run_commits_nothing(tmp_path):
+    plan = plan_noise(93 * 32, 32, 1, 4, target_epsilon=4.0, delta=1e-5, accountant="rdp")
+    ledger = site_ledger(tmp_path)
+    # a plan whose steps are not those of its declared size: Opacus' int(1/q), one short at 93 batches
+    short = dataclasses.replace(plan, sampling=dataclasses.replace(plan.sampling, steps_per_round=92))
+    assert int(1 / plan.sample_rate) == 92 != plan.steps_per_round
+    with pytest.raises(ValueError, match="not the one planned from its declared size"):
+        commit(ledger, PrivacyCap(100, 1e-5), short, 1)
+    assert ledger.entries() == []
+    commit(ledger, PrivacyCap(100, 1e-5), plan, 1)  # the same site commits the runnable round
+    assert [e.data["steps"] for e in ledger.entries()] == [93]
 
 
 def test_ledger_entries_record_what_the_issue_asks(tmp_path):
@@ -234,17 +249,19 @@ from medfed.config import from_flat
 from medfed.federation.site import fit_site, load_site
 from medfed.federation.weights import get_weights
 from medfed.models import build_unet
+from medfed.federation.policy import simulated_node
 cfg = from_flat({"model.preset": "micro", "data.limit": 600, "data.image-size": 28, "data.channels": 1,
                  "train.batch-size": 64, "federation.rounds": 4, "federation.local-epochs": 2,
                  "output.dir": sys.argv[1], "output.name": "killed", "train.device": "cpu",
                  "privacy.site-state-root": sys.argv[2], "privacy.site-cap-epsilon": "100"})
-site = load_site(cfg, {"partition-id": 0, "num-partitions": 1})
+site = load_site(cfg, simulated_node(cfg, 0, 1))
 torch.manual_seed(0)
 fit_site(get_weights(build_unet("micro", 1)), cfg, site, int(sys.argv[3]), run_id=1)
 print("finished", flush=True)
 """
 
 
+@pytest.mark.slow  # two site processes, each importing torch and training
 def test_killed_and_restarted_site_keeps_its_spent_budget(tmp_path):
     state_root = tmp_path / "state"
     script = tmp_path / "site.py"

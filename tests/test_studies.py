@@ -62,11 +62,12 @@ def check_report(folder: Path, plot: str) -> dict:
 
 @pytest.fixture(scope="module")
 def clients_study(tmp_path_factory, breastmnist):
-    options = ClientsOptions(toy_setup(breastmnist), site_counts=(2,), partitions=("dirichlet",),
+    options = ClientsOptions(toy_setup(breastmnist), site_counts=(3,), partitions=("dirichlet",),
                              private=(True, False))
     return run_clients_study(options, out=tmp_path_factory.mktemp("study") / "clients", show_progress=False)
 
 
+@pytest.mark.slow  # Flower simulations
 def test_clients_study_reports_fid_and_epsilon_per_setting(clients_study):
     payload = check_report(clients_study, "clients.png")
     network = payload["feature_network"]
@@ -91,21 +92,22 @@ def test_clients_study_reports_fid_and_epsilon_per_setting(clients_study):
     for state in Path(clients_study, "site-state").iterdir():
         assert site_ledger(state).verify() == 1
     report = (clients_study / "report.md").read_text()
-    assert "| 2 | dirichlet (b=0.5) | DP-SGD |" in report and "| NOT PRIVATE |" in report
+    assert "| 3 | dirichlet (b=0.5) | DP-SGD |" in report and "| NOT PRIVATE |" in report
 
 
 @pytest.fixture(scope="module")
 def personalization_study(tmp_path_factory, breastmnist, clients_study):
     classifier = clients_study / "feature-classifier.pt"  # the same hash-checked network, not retrained
-    options = PersonalizationOptions(toy_setup(breastmnist, limit=96, feature_network=str(classifier)), sites=2,
+    options = PersonalizationOptions(toy_setup(breastmnist, limit=96, feature_network=str(classifier)), sites=3,
                                      finetune_epochs=1, finetune_epsilon=2.0)
     return run_personalization_study(options, out=tmp_path_factory.mktemp("study") / "personalization",
                                      show_progress=False)
 
 
+@pytest.mark.slow  # Flower simulations
 def test_personalization_charges_each_sites_own_ledger(personalization_study):
     payload = check_report(personalization_study, "personalization.png")
-    assert [s["site"] for s in payload["sites"]] == ["site-0", "site-1"]
+    assert [s["site"] for s in payload["sites"]] == ["site-0", "site-1", "site-2"]
     assert sum(s["train_images"] for s in payload["sites"]) == 96
     assert sum(s["test_images"] for s in payload["sites"]) <= 156
     for s in payload["sites"]:
@@ -129,6 +131,7 @@ def test_personalization_charges_each_sites_own_ledger(personalization_study):
             assert abs(s["test_class_mix"].get(label, 0.0) - share) < 0.15
 
 
+@pytest.mark.slow  # Flower simulations
 def test_lightweight_study_through_the_cli(tmp_path, breastmnist, clients_study):
     out = tmp_path / "lightweight"
     result = CliRunner().invoke(app, [
@@ -146,7 +149,7 @@ def test_lightweight_study_through_the_cli(tmp_path, breastmnist, clients_study)
     edge = torch.jit.load(str(exported))
     assert edge(torch.zeros(3, 1, 28, 28), torch.tensor([0, 10, 999])).shape == (3, 1, 28, 28)
     ledgers = list((out / "site-state" / "pico").iterdir())  # each preset's runs have their own ledgers
-    assert len(ledgers) == 2 and all(site_ledger(d).verify() == 1 for d in ledgers)
+    assert len(ledgers) == 3 and all(site_ledger(d).verify() == 1 for d in ledgers)
     assert preset["epsilon"] == pytest.approx(8, abs=0.1)
     one, batch = preset["fresh_process"]["one_image"], preset["fresh_process"]["batch"]
     assert one["images"] == 1 and batch["images"] == 16
@@ -182,11 +185,11 @@ def test_given_options_override_setup_and_study_fields(breastmnist):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["clients", "--sites", "1,5"], "--sites 1,5: every count must be >= 2"),
+    (["clients", "--sites", "2,5"], "--sites 2,5: every count must be >= 3"),
     (["clients", "--privacy", "maybe"], "--privacy 'maybe'"),
     (["clients", "--partitions", "iid,random"], "--partitions: random"),
     (["lightweight", "--presets", "huge"], "--presets: huge"),
-    (["personalization", "--sites", "1"], "--sites 1: must be >= 2"),
+    (["personalization", "--sites", "2"], "--sites 2: must be >= 3"),
     (["clients", "--epsilon", "12"], "--cap-epsilon (10) must be at least --epsilon (12)"),
 ])
 def test_bad_options_fail_before_any_work(tmp_path, breastmnist, args, message):

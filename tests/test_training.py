@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from medfed.centralized import train_centralized
@@ -16,6 +17,7 @@ def config(tmp_path, name, **flat):
     return from_flat(base)
 
 
+@pytest.mark.slow  # 200 training steps of the tiny UNet
 def test_tiny_loss_falls_on_real_breast_ultrasound(tmp_path, breastmnist):
     cfg = config(tmp_path, "breast", **{"model.preset": "tiny", "train.steps": 200, "data.dataset": "npz",
                                         "data.path": str(breastmnist)})
@@ -27,6 +29,7 @@ def test_tiny_loss_falls_on_real_breast_ultrasound(tmp_path, breastmnist):
     assert steps == list(range(10, 201, 10))
 
 
+@pytest.mark.slow  # 60 training steps in three runs
 def test_resumed_run_matches_uninterrupted_run(tmp_path):
     straight = train_centralized(config(tmp_path, "straight", **{"train.steps": 30}), show_progress=False)
     train_centralized(config(tmp_path, "resumed", **{"train.steps": 15, "train.checkpoint-every": 15}),
@@ -72,3 +75,27 @@ def test_missing_dataset_root_is_one_line_error(tmp_path):
                   str(tmp_path))
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and str(missing) in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_bfloat16_steps_follow_float32_steps():
+    import copy
+
+    from medfed.config import DataConfig, DiffusionConfig
+    from medfed.datasets import load_dataset
+    from medfed.diffusion import StepOptions, make_scheduler, train_step
+    from medfed.models import build_unet
+
+    data = load_dataset(DataConfig(dataset="embedded-mnist", limit=16))
+    scheduler = make_scheduler(DiffusionConfig())
+    torch.manual_seed(0)
+    start = build_unet("pico", 1)
+    losses = {}
+    for precision in ("float32", "bfloat16"):
+        model = copy.deepcopy(start)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        options = StepOptions(grad_clip=1.0, precision=precision)
+        losses[precision] = [train_step(model, optimizer, scheduler, data.images, data.labels,
+                                        torch.Generator().manual_seed(step), options) for step in range(4)]
+    assert losses["float32"] != losses["bfloat16"]  # autocast ran
+    for a, b in zip(losses["float32"], losses["bfloat16"]):
+        assert abs(a - b) < 0.02 * a

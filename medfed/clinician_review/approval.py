@@ -1,7 +1,7 @@
 """The site-approval gate for real images: they leave a site only with its recorded approval and a passed audit.
 
 A site approves with ``medfed review approve``, which appends an ``approval`` entry for the action
-``export-real-images`` to the site's hash-chained privacy ledger, naming who approved, the SHA-256 of the
+``export-real-images`` to the site's hash-chained, signed privacy ledger, naming who approved, the SHA-256 of the
 memorization audit they read, and the most real images they allow. The audit itself is produced by
 ``medfed evaluate memorization`` (``medfed.evaluation``); this module only reads its JSON contract::
 
@@ -25,7 +25,7 @@ import torch
 from medfed.clinician_review.study import ReviewError, file_sha256
 from medfed.errors import MedfedError
 from medfed.evaluation.memorization import check_audit, images_sha256
-from medfed.privacy.ledger import LedgerEntry, site_ledger
+from medfed.privacy.ledger import Ledger, LedgerEntry, LedgerTamperedError, site_ledger
 
 EXPORT_ACTION = "export-real-images"
 
@@ -112,6 +112,19 @@ def revoke_real_export(state_dir: str | Path, by: str, note: str = "") -> Ledger
     return ledger.append("approval", {"action": EXPORT_ACTION, "granted": False, "by": by.strip(), "note": note})
 
 
+def _verified_approval(ledger: Ledger) -> LedgerEntry | None:
+    """The site's latest export decision, from a ledger whose chain and signatures verify against the site's own
+    key: an approval rewritten or forged without that key (e.g. a raised cap with recomputed hashes) is refused."""
+    if ledger.path.exists() and ledger.trusted_signer() is None:
+        raise ReviewError(f"{ledger.key_path}: the site's ledger key is not in its state folder, so the approval's "
+                          "signature cannot be checked; export real images at the site")
+    try:
+        return ledger.approval(EXPORT_ACTION)
+    except LedgerTamperedError as err:
+        raise LedgerTamperedError(f"real images may not leave the site: its approval cannot be trusted, because "
+                                  f"{err}") from None
+
+
 @dataclass(frozen=True)
 class RealExportApproval:
     """Proof that a site allowed real images to leave for these generated images; made only by
@@ -137,13 +150,13 @@ def authorize_real_export(state_dir: str | Path | None, audit_path: str | Path |
                           num_real: int) -> RealExportApproval:
     """Check that ``num_real`` real images may be exported beside the (N, C, H, W) ``generated`` images.
 
-    The site's ledger must verify (hash chain intact), its latest ``export-real-images`` decision must be an
+    The site's ledger must verify (hash chain intact, every entry signed by the site's key), its latest ``export-real-images`` decision must be an
     approval, that approval must name this audit file's SHA-256, the audit must have passed, it must have
     audited exactly these generated images, and ``num_real`` must not exceed the approved maximum.
 
     Raises:
         ReviewError: naming the first missing or failing link.
-        LedgerTamperedError: the site's ledger was edited.
+        LedgerTamperedError: the site's ledger was edited or its approval forged (the reason is named).
     """
     if state_dir is None:
         raise ReviewError("exporting real images needs --state-dir: the site's state folder whose privacy ledger "
@@ -152,7 +165,7 @@ def authorize_real_export(state_dir: str | Path | None, audit_path: str | Path |
         raise ReviewError("exporting real images needs --audit: the memorization audit of these generated images "
                           "(`medfed evaluate memorization`)")
     ledger = site_ledger(_existing_state_dir(state_dir))
-    entry = ledger.approval(EXPORT_ACTION)
+    entry = _verified_approval(ledger)
     if entry is None:
         revoked = any(e.data.get("action") == EXPORT_ACTION for e in ledger.of_kind("approval"))
         why = "its approval was revoked" if revoked else "it records no approval"

@@ -109,8 +109,12 @@ def write_secondary_capture(pixels: np.ndarray, path: str | Path, header: Series
     ds.StudyDescription = f"medfed reader study {header.study_id}"[:64]
     ds.Modality = "OT"
     ds.SeriesNumber = 1
+    # Type 2C (dciodvfy): Laterality when the body part is paired, PatientOrientation when the image is not
+    # oriented by Image Orientation (Patient). Unknown for generated pixels, so present and empty.
+    ds.Laterality = ""
     ds.SeriesDescription = header.series_description
     ds.InstanceNumber = instance_number
+    ds.PatientOrientation = ""
     ds.Manufacturer = "medfed"
     ds.SoftwareVersions = __version__
     ds.ConversionType = header.conversion_type

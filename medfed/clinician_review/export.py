@@ -117,10 +117,22 @@ class ExportResult:
     num_real: int
 
 
+def distinct_image_indices(images: torch.Tensor) -> list[int]:
+    """Index of the first of each set of exact duplicates in (N, C, H, W) ``images``, by the SHA-256 of their
+    8-bit pixels, in order: a dataset holding one image twice must not show it to raters twice."""
+    first: dict[str, int] = {}
+    for i in range(len(images)):
+        first.setdefault(images_sha256(images[i: i + 1]), i)
+    return sorted(first.values())
+
+
 def _select_real(real: ImageDataset, num_real: int, shape: tuple[int, int, int]) -> tuple[torch.Tensor, list[int]]:
-    if num_real > len(real):
-        raise DatasetError(f"{real.name}: {num_real} real images requested but it holds {len(real)}")
-    chosen = secrets.SystemRandom().sample(range(len(real)), num_real)
+    distinct = distinct_image_indices(real.images)
+    if num_real > len(distinct):
+        duplicates = len(real) - len(distinct)
+        raise DatasetError(f"{real.name}: {num_real} real images requested but it holds {len(distinct)} distinct "
+                           f"images ({len(real)} with {duplicates} exact duplicates)")
+    chosen = secrets.SystemRandom().sample(distinct, num_real)
     channels, height, width = shape
     if height != width:
         raise DatasetError(f"generated images are {height}x{width}; real images can only be matched to square ones")

@@ -21,7 +21,16 @@ def inspect(
     reasons. Prints no DICOM header field that can identify a patient (names, IDs, dates, UIDs, institution)."""
     import sys
 
-    from medfed.datasets.inspect import inspect_path, render_text
+    from medfed.errors import DatasetError
+
+    if not path.exists():  # before the readers (and torch) load
+        raise DatasetError(f"{path}: path to inspect does not exist" + (" (a dangling symbolic link)"
+                                                                        if path.is_symlink() else ""))
+    from medfed.datasets.inspect import inspect_path, render_text, usable_images
 
     report = inspect_path(path, show_progress=not json_output and sys.stderr.isatty())
     typer.echo(json.dumps(report, indent=2) if json_output else render_text(report))
+    if not usable_images(report):
+        problems = len(report["unreadable"]) + len(report["not-images"]) + len(report["skipped"])
+        why = f"{problems} unreadable or skipped path(s) listed above" if problems else "no image file there"
+        raise DatasetError(f"{path}: no usable image found ({report['files']} file(s) read, {why})")

@@ -13,6 +13,12 @@ from medfed.errors import DatasetError
 
 NO_LABEL = -1
 
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+"""Fashion-MNIST's class names in label order (Xiao et al. 2017, zalandoresearch/fashion-mnist README)."""
+MNIST_CLASSES = tuple(str(digit) for digit in range(10))
+"""MNIST's class names in label order: the digits."""
+
 
 @dataclass(eq=False)
 class ImageDataset(Dataset):
@@ -22,11 +28,14 @@ class ImageDataset(Dataset):
         images: (N, C, H, W) float32 in [-1, 1].
         labels: (N,) int64 class indices, ``NO_LABEL`` (-1) where unknown.
         name: a human-readable source description (never a patient identifier).
+        classes: class names in label order where the source defines them (label i is ``classes[i]``); empty
+            where it does not.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     name: str
+    classes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4:
@@ -49,7 +58,7 @@ class ImageDataset(Dataset):
     def subset(self, indices: np.ndarray | torch.Tensor | list[int], name: str | None = None) -> ImageDataset:
         """A new dataset holding only ``indices`` (used for limits and federated partitions)."""
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-        return ImageDataset(self.images[idx], self.labels[idx], name or self.name)
+        return ImageDataset(self.images[idx], self.labels[idx], name or self.name, self.classes)
 
 
 def from_uint8(
@@ -58,6 +67,7 @@ def from_uint8(
     name: str,
     *,
     channels_last: bool,
+    classes: tuple[str, ...] = (),
 ) -> ImageDataset:
     """Wrap uint8 pixels as an :class:`ImageDataset` scaled to [-1, 1].
 
@@ -66,6 +76,7 @@ def from_uint8(
         labels: (N,) or (N, 1) integer labels, or None.
         name: source description used in error messages.
         channels_last: layout of 4-D ``pixels``.
+        classes: class names in label order, where the source defines them.
     """
     x = torch.tensor(np.asarray(pixels))
     if x.ndim == 3:
@@ -81,7 +92,7 @@ def from_uint8(
         y = torch.full((len(images),), NO_LABEL, dtype=torch.long)
     else:
         y = torch.tensor(np.asarray(labels)).reshape(-1).long()
-    return ImageDataset(images, y, name)
+    return ImageDataset(images, y, name, classes)
 
 
 def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from medfed.config import DataConfig
+from medfed.config import DATASETS, DataConfig
 from medfed.datasets import medical, sources
 from medfed.datasets.core import ImageDataset, convert_channels, resize
 from medfed.errors import ConfigError
 
-DATASETS = ("embedded-mnist", "mnist", "fashion-mnist", "cifar10", "svhn", "npz", "idx", "folder", "dicom", "nifti")
+__all__ = ["DATASETS", "load_dataset"]
 
 
 def load_dataset(cfg: DataConfig, seed: int = 0) -> ImageDataset:
@@ -24,7 +24,9 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> ImageDataset:
     name = cfg.dataset
     if name == "embedded-mnist":
         ds = sources.load_embedded_mnist(cfg.split)
-    elif name in ("mnist", "fashion-mnist", "cifar10", "svhn"):
+    elif name in ("mnist", "fashion-mnist"):
+        ds = sources.load_mnist_like(name, cfg.path, cfg.split, cfg.download)
+    elif name in ("cifar10", "svhn"):
         ds = sources.load_torchvision(name, cfg.path, cfg.split, cfg.download)
     elif name == "npz":
         ds = sources.load_npz(cfg.path, cfg.split)
@@ -35,7 +37,7 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> ImageDataset:
     else:
         raise ConfigError(f"config key 'data.dataset': unknown dataset '{name}' (choose from {', '.join(DATASETS)})")
     images = resize(convert_channels(ds.images, cfg.channels), cfg.image_size)
-    ds = ImageDataset(images, ds.labels, ds.name)
+    ds = ImageDataset(images, ds.labels, ds.name, ds.classes)
     if cfg.limit and cfg.limit < len(ds):
         keep = np.sort(np.random.default_rng(seed).permutation(len(ds))[: cfg.limit])
         ds = ds.subset(keep)

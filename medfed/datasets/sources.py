@@ -7,10 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from medfed.datasets.core import ImageDataset, from_uint8
+from medfed.datasets.core import FASHION_MNIST_CLASSES, MNIST_CLASSES, ImageDataset, from_uint8
 from medfed.errors import DatasetError
 
 SPLITS = ("train", "val", "test")
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+"""Where Debian's ``dataset-fashion-mnist`` package puts the original idx files (``apt-get install
+dataset-fashion-mnist``)."""
 
 
 def existing_path(path: str, what: str) -> Path:
@@ -104,6 +108,52 @@ def load_idx(path: str, split: str) -> ImageDataset:
     images = read_idx(found["images-idx3-ubyte"])
     labels = read_idx(found["labels-idx1-ubyte"]) if found["labels-idx1-ubyte"] else None
     return from_uint8(images, labels, f"{folder.name} idx ({split})", channels_last=False)
+
+
+def has_idx_files(folder: Path) -> bool:
+    """Whether ``folder`` directly holds MNIST-format idx files (``train-images-idx3-ubyte`` or ``t10k-...``,
+    optionally ``.gz``)."""
+    return any((folder / f"{prefix}-images-idx3-ubyte{gz}").exists() for prefix in ("train", "t10k")
+               for gz in ("", ".gz"))
+
+
+def load_mnist_like(name: str, path: str, split: str, download: bool) -> ImageDataset:
+    """MNIST or Fashion-MNIST (28x28 grayscale, 10 classes, class names attached) from whatever ``data.path`` is:
+
+    * a ``.npz`` archive with ``train_images``/``train_labels``/``test_*`` (``../shared/data/mnist/mnist.npz``,
+      ``../shared/data/fashion-mnist/fashion_mnist.npz``);
+    * a folder holding the original idx files (``train-images-idx3-ubyte[.gz]``, ``t10k-...``), e.g. Debian's
+      ``/usr/share/datasets/fashion-mnist/``;
+    * empty, for Fashion-MNIST: Debian's folder when ``dataset-fashion-mnist`` is installed;
+    * otherwise a torchvision root (``<root>/FashionMNIST/raw``), downloaded there with ``data.download``.
+
+    Both datasets have no validation split: ``val`` reads the test split, as torchvision does.
+
+    Raises:
+        DatasetError: naming ``data.path`` when no source is found.
+    """
+    classes = FASHION_MNIST_CLASSES if name == "fashion-mnist" else MNIST_CLASSES
+    split = "train" if split == "train" else "test"
+    if not path and name == "fashion-mnist" and not download:
+        if not has_idx_files(DEBIAN_FASHION_MNIST):
+            raise DatasetError(f"data.path is empty and {DEBIAN_FASHION_MNIST} holds no idx files: point data.path "
+                               "at fashion_mnist.npz or a folder of train-/t10k-*-idx?-ubyte[.gz] files, or "
+                               "apt-get install dataset-fashion-mnist")
+        path = str(DEBIAN_FASHION_MNIST)
+    p = Path(path).expanduser() if path else None
+    if p is not None and p.is_file():
+        if p.suffix != ".npz":
+            raise DatasetError(f"data.path {p}: {name} reads a .npz archive or a folder, not a {p.suffix or 'plain'} "
+                               "file")
+        ds = load_npz(path, split)
+    elif p is not None and p.is_dir() and has_idx_files(p):
+        ds = load_idx(path, split)
+    elif download or (p is not None and p.is_dir()):
+        ds = load_torchvision(name, path, split, download)
+    else:
+        raise DatasetError(f"data.path {p or '(empty)'}: no {name} .npz archive or idx folder there (pass "
+                           "--download where the network allows)")
+    return ImageDataset(ds.images, ds.labels, ds.name, classes)
 
 
 def load_torchvision(name: str, path: str, split: str, download: bool) -> ImageDataset:

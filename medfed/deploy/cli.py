@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.console import Console
 
+from medfed.errors import MedfedError
+
 if TYPE_CHECKING:
     from medfed.deploy.site import RegistrationRequest
 
@@ -30,7 +32,10 @@ def server_init(
     name: Annotated[Optional[list[str]], typer.Option(
         "--name", help="Host name or IP address sites use to reach the SuperLink (repeatable); the server "
                        "certificate covers these plus localhost and 127.0.0.1.")] = None,
-    host: Annotated[str, typer.Option(help="Address the SuperLink binds to (0.0.0.0: all interfaces).")] = "0.0.0.0",
+    host: Annotated[Optional[str], typer.Option(
+        help="Address the SuperLink binds to. Default 127.0.0.1 (with --renew-cert: the current one): this machine "
+             "only, since Flower's Control API on the same port has no authentication; give the interface the "
+             "sites reach (or 0.0.0.0) and firewall the port to the sites' addresses.")] = None,
     port: Annotated[int, typer.Option(help="The one TCP port sites connect to.")] = 9092,
     days: Annotated[int, typer.Option(help="Validity of the server certificate in days.")] = 825,
     renew_cert: Annotated[bool, typer.Option("--renew-cert", help="Keep the CA, issue a new server certificate "
@@ -38,7 +43,7 @@ def server_init(
 ) -> None:
     """Create the CA, the SuperLink's TLS certificate and the flwr CLI connection in a server folder."""
     from medfed.deploy.pki import certificate_expiry, certificate_fingerprint, certificate_names
-    from medfed.deploy.server import init_server, read_settings
+    from medfed.deploy.server import bind_address_note, init_server, read_settings
 
     sd = init_server(folder, name or [], host=host, port=port, days=days, renew_cert=renew_cert)
     settings = read_settings(sd)
@@ -51,6 +56,7 @@ def server_init(
                   f"{certificate_expiry(sd.server_cert):%Y-%m-%d}")
     console.print(f"SuperLink will listen on {settings.host}:{settings.port}; start it with "
                   f"`medfed server start --dir {sd.root}`")
+    console.print(bind_address_note(settings.host))
 
 
 @server_app.command("start")
@@ -133,35 +139,37 @@ def server_run(
     out: Annotated[Optional[str], typer.Option(help="Parent folder of run folders (default: <dir>/runs).")] = None,
     sets: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Any config key, e.g. --set "
                                                       "privacy.target-epsilon=4 (see `medfed config`).")] = None,
+    config_file: Annotated[Optional[Path], typer.Option("--config", "-c", help="A TOML file of config keys (a run "
+                                                        "folder's run.toml works); options and --set override "
+                                                        "it.")] = None,
 ) -> None:
     """Submit a federated run to the running SuperLink and follow it round by round (Ctrl-C stops following;
     the run goes on: `flwr stop RUN_ID medfed` stops it)."""
-    from medfed.cli import build_config
+    from medfed.config import build_config
+
+    cfg = build_config({"--sites": sites, "--image-size": image_size, "--channels": channels, "--rounds": rounds,
+                        "--min-sites": min_sites, "--preset": preset, "--batch-size": batch_size, "--name": name,
+                        "--out": out}, sets, config_file)
     from medfed.deploy.server import server_dir, submit_deployed_run
 
     sd = server_dir(folder)
-    cfg = build_config({"federation.num-sites": sites, "data.image-size": image_size, "data.channels": channels,
-                        "federation.rounds": rounds, "federation.min-sites": min_sites, "model.preset": preset,
-                        "train.batch-size": batch_size, "output.name": name, "output.dir": out}, sets)
     run_id, run, status = submit_deployed_run(sd, cfg)
     console.print(f"run {run_id}: {status.get('status')}; run folder {run.root}")
-    console.print(f"who took part in each round: medfed server rounds {run.root}")
+    for record in run.rounds():
+        console.print(record.summary_line(), highlight=False, markup=False)
+    run.require_rounds(cfg.federation.rounds)
 
 
 @server_app.command("rounds")
 def rounds(run_dir: Annotated[Path, typer.Argument(help="A run folder.")]) -> None:
-    """Which sites took part in each round, which were missing, and why replies failed."""
-    from medfed.deploy.server import round_participation
+    """Which sites took part in each round, which refused or were missing, and why (reason codes)."""
     from medfed.runs import RunDir
 
-    for r in round_participation(RunDir(run_dir)):
-        status = "aggregated" if r["aggregated"] else "SKIPPED"
-        console.print(f"round {r['round']}: {status}; took part: {', '.join(r['participating']) or '-'}; "
-                      f"missing: {', '.join(r['missing']) or '-'}")
-        for failure in r["failures"]:
-            console.print(f"    failure: {failure}")
-        for site, why in r["rejected"].items():
-            console.print(f"    rejected {site}: {why}")
+    run = RunDir(run_dir)
+    if not run.metrics_path.exists():
+        raise MedfedError(f"{run.metrics_path}: not a run folder (no metrics.jsonl)")
+    for record in run.rounds():
+        console.print(record.summary_line(), highlight=False, markup=False)
 
 
 # --- medfed site ------------------------------------------------------------------------------------------
@@ -177,19 +185,28 @@ def site_init(
     data: Annotated[Path, typer.Option(help="The site's image file or folder.")],
     data_format: Annotated[str, typer.Option("--format", help="npz, folder (PNG/JPEG), dicom, nifti, idx, ...")],
     cap_epsilon: Annotated[float, typer.Option(help="The privacy cap: total epsilon allowed over all runs.")],
-    cap_delta: Annotated[Optional[float], typer.Option(help="The cap's delta (default: the run's).")] = None,
+    delta: Annotated[float, typer.Option(help="The site's delta (policy.delta): every run's privacy.delta must "
+                                         "equal it.")] = 1e-5,
+    dataset_size: Annotated[Optional[int], typer.Option(help="The image count the site declares public "
+                                                        "(policy.dataset-size; default: counted now).")] = None,
+    min_sites_per_round: Annotated[int, typer.Option(help="Refuse rounds over fewer sites "
+                                                     "(policy.min-sites-per-round).")] = 3,
+    share_evaluation: Annotated[bool, typer.Option("--share-evaluation", help="Answer federated evaluation "
+                                                   "(policy.share-evaluation; outside the DP guarantee).")] = False,
     state_dir: Annotated[Optional[Path], typer.Option(help="Where the privacy ledger lives (default: "
                                                       "<dir>/state).")] = None,
     runtime_port: Annotated[int, typer.Option(help="Local port of the SuperNode's runtime API (127.0.0.1; "
                                               "distinct per site on one machine).")] = 9094,
 ) -> None:
     """Create a site folder: site.toml, a new ECDSA key pair (private key 0600) and the state folder."""
+    from medfed.contracts import SitePolicy
     from medfed.deploy.pki import certificate_fingerprint
     from medfed.deploy.site import init_site, registration_request
 
     cfg = init_site(folder, name=name, superlink=superlink, ca_cert=ca_cert, data_path=data,
-                    data_format=data_format, cap_epsilon=cap_epsilon, cap_delta=cap_delta, state_dir=state_dir,
-                    runtime_port=runtime_port)
+                    data_format=data_format, cap_epsilon=cap_epsilon, state_dir=state_dir, runtime_port=runtime_port,
+                    policy=SitePolicy(delta=delta, dataset_size=dataset_size or 0,
+                                      min_sites_per_round=min_sites_per_round, share_evaluation=share_evaluation))
     console.print(f"site folder: {cfg.private_key.parent}")
     console.print(f"CA certificate SHA-256 fingerprint (confirm it with the coordinator): "
                   f"{certificate_fingerprint(cfg.ca_cert)}")
@@ -234,8 +251,9 @@ def site_register(
 @site_app.command("start")
 def site_start(folder: SiteDirOption) -> None:
     """Check the site's data and keys, then run its SuperNode (TLS, authenticated) until Ctrl-C."""
+    from medfed.deploy.app_guard import approvals_path
     from medfed.deploy.site import check_site_data, check_site_files, run_site, site_session
-    from medfed.deploy.sitecfg import read_site_config
+    from medfed.deploy.sitecfg import read_site_config, site_config_path
     from medfed.federation.processes import exit_on_sigterm
     from medfed.privacy.ledger import site_ledger
 
@@ -243,7 +261,21 @@ def site_start(folder: SiteDirOption) -> None:
     check_site_files(cfg)
     console.print(f"checking {cfg.data_path} ({cfg.data_format}) ...")
     check = check_site_data(cfg)
-    console.print(f"data: {check.images} images")
+    console.print(f"data: {check.images} images (declared in site.toml: policy.dataset-size = "
+                  f"{cfg.policy.dataset_size})")
+    if cfg.policy.require_dp and cfg.policy.dataset_size <= 0:
+        raise MedfedError(f"{site_config_path(folder)}: policy.dataset-size is not set; declare the site's image "
+                          f"count ({check.images} now) after reviewing the data (it is public: it sets the DP "
+                          "sample rate and steps)")
+    if cfg.policy.dataset_size and check.images != cfg.policy.dataset_size:
+        console.print(f"[yellow]warning:[/] {site_config_path(folder)}: policy.dataset-size = "
+                      f"{cfg.policy.dataset_size} but {cfg.data_path} holds {check.images} images. The DP guarantee "
+                      "holds either way (sample rate and steps come from the declared size); review the data and "
+                      "update the declared size so FedAvg weighs this site correctly.", highlight=False)
+    relaxed = cfg.policy.relaxed()
+    console.print(f"policy: {'strict defaults' if not relaxed else 'RELAXED ' + ', '.join(relaxed)}; delta "
+                  f"{cfg.policy.delta:g}; share-evaluation {str(cfg.policy.share_evaluation).lower()}",
+                  highlight=False)
     ledger = site_ledger(cfg.state_dir)
     if ledger.path.exists():
         from medfed.privacy.report import from_ledger
@@ -254,7 +286,24 @@ def site_start(folder: SiteDirOption) -> None:
     else:
         console.print(f"privacy ledger {ledger.path}: no rounds yet (cap epsilon {cfg.cap_epsilon:g})")
     with exit_on_sigterm(), site_session(folder) as session:
-        run_site(session, cfg, console)
+        run_site(session, cfg, console, approvals=approvals_path(site_config_path(folder).resolve().parent))
+
+
+@site_app.command("approve-app")
+def approve_app(
+    sha256: Annotated[str, typer.Argument(help="The app bundle's SHA-256, as `medfed site start` logged it when it "
+                                          "refused the bundle (kept in <dir>/logs/refused-apps/ for inspection).")],
+    folder: SiteDirOption,
+    note: Annotated[str, typer.Option(help="Why it was approved (kept with the hash).")] = "",
+) -> None:
+    """Let this site take part in runs of an app bundle that is not medfed's own (e.g. written by another medfed
+    version). The site still runs its own installed ClientApp; bundles naming other components stay refused."""
+    from medfed.deploy.app_guard import approve_app as approve
+    from medfed.deploy.sitecfg import read_site_config, site_config_path
+
+    read_site_config(folder)
+    path = approve(site_config_path(folder).resolve().parent, sha256, note)
+    console.print(f"approved app bundle {sha256.strip().lower()} in {path} (takes effect with the next task)")
 
 
 @site_app.command("rotate-key")
@@ -266,6 +315,8 @@ def rotate_key(folder: SiteDirOption) -> None:
     cfg = read_site_config(folder)
     old, _new = rotate_site_key(cfg)
     console.print(f"old key kept as {old.private} until the coordinator has registered the new one")
+    console.print(f"privacy ledger {cfg.state_dir}: key-rotation entry recorded, signed by the old key and naming "
+                  "the new one (the ledger and the coordinator's anchor carry over)", highlight=False)
     request = registration_request(cfg)
     _print_request(request)
     console.print("the coordinator adds --replace, which revokes the old key; then restart `medfed site start`")

@@ -16,9 +16,12 @@ import datetime as dt
 import hashlib
 import ipaddress
 import os
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -161,13 +164,17 @@ def load_certificate(path: Path) -> x509.Certificate:
         raise KeyFileError(f"{path}: not a PEM certificate ({err})") from None
 
 
-def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
+def load_private_key(path: Path, openssh: bool = False) -> ec.EllipticCurvePrivateKey:
+    """An unencrypted EC private key: PEM (the CA's and the SuperLink's), or with ``openssh`` the OpenSSH format
+    of a site's key (``site-key``, a ledger's signing key)."""
+    fmt = "OpenSSH" if openssh else "PEM"
+    loader = serialization.load_ssh_private_key if openssh else serialization.load_pem_private_key
     try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+        key = loader(Path(path).read_bytes(), password=None)
     except FileNotFoundError:
         raise KeyFileError(f"{path}: key not found") from None
     except (ValueError, TypeError, UnsupportedAlgorithm) as err:
-        raise KeyFileError(f"{path}: not an unencrypted PEM private key ({err})") from None
+        raise KeyFileError(f"{path}: not an unencrypted {fmt} private key ({err})") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise KeyFileError(f"{path}: not an EC private key")
     return key
@@ -220,10 +227,59 @@ def load_site_public_key(path: Path) -> ec.EllipticCurvePublicKey:
 
 def public_key_fingerprint(path: Path) -> str:
     """OpenSSH-style ``SHA256:<base64>`` fingerprint, the same as ``ssh-keygen -lf``, to read out by phone."""
-    key = load_site_public_key(path)
-    blob = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).split()[1]
-    digest = hashlib.sha256(base64.b64decode(blob)).digest()
+    return key_fingerprint(openssh_public(load_site_public_key(path)))
+
+
+def openssh_public(key: ec.EllipticCurvePublicKey) -> str:
+    """``ecdsa-sha2-nistp384 AAAA...``: a public key as one OpenSSH line without comment."""
+    return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+
+def key_fingerprint(openssh_line: str) -> str:
+    """The ``SHA256:<base64>`` fingerprint of an OpenSSH public key line (see :func:`public_key_fingerprint`)."""
+    digest = hashlib.sha256(base64.b64decode(openssh_line.split()[1])).digest()
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def load_site_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """Read a site's OpenSSH-format ECDSA private key (``site-key``, or a ledger's signing key)."""
+    return load_private_key(path, openssh=True)
+
+
+@contextmanager
+def private_umask() -> Iterator[None]:
+    """Files and folders created inside (by this process and processes it starts) are 0600 / 0700.
+
+    Used around everything that writes a site's or the coordinator's folder, so that files written by Flower's
+    own processes (``superlink.db``, logs, ``runs/``, ClientApp outputs) are private too.
+    """
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def private_files(fn: Callable[P, R]) -> Callable[P, R]:
+    """Decorator: run ``fn`` under :func:`private_umask`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with private_umask():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def make_private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and make it 0700."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
+    return path
 
 
 def check_private_mode(path: Path) -> None:

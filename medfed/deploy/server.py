@@ -9,9 +9,14 @@ A server folder holds::
     tls/server.key     its key (0600)
     superlink.db       the SuperLink's database (registered site keys, runs), kept across restarts
     sites.json         who registered which key under which name, and when it was revoked
+    anchors.json       the last heads of each site's privacy ledger the coordinator saw (medfed.privacy.anchors)
     flwr-home/         the flwr CLI's folder: config.toml with the ``medfed`` connection
     logs/superlink.log the SuperLink's log
     runs/<name>/       each run's folder (metrics.jsonl: who took part in each round; checkpoints; summary)
+
+The folder is 0700 and every file medfed or Flower writes in it is 0600 (:func:`medfed.deploy.pki.private_files`
+sets the umask before the SuperLink starts, so its database, logs and the ServerApp's run folders are private);
+only the certificates (``*.crt``) are 0644.
 
 Everything goes through Flower's own processes and CLI (``flower-superlink``, ``flwr supernode register``,
 ``flwr run``); the thin Flower app holds only ``pyproject.toml``, so sites run their own installed medfed.
@@ -33,7 +38,7 @@ import tomli_w
 
 from medfed.config import RunConfig
 from medfed.deploy.pki import (CertificateAuthority, create_ca, issue_server_cert, load_site_public_key,
-                               public_key_fingerprint)
+                               make_private_dir, private_files, public_key_fingerprint)
 from medfed.errors import ConfigError, MedfedError
 from medfed.federation.deployment import TLSFiles, follow_run, start_superlink, submit_run, write_connection
 from medfed.federation.flower_app import write_flower_app
@@ -49,8 +54,10 @@ DEFAULT_PORT = 9092
 class ServerSettings:
     """``server.toml``: where the SuperLink listens and which names its certificate covers."""
 
-    host: str = "0.0.0.0"
-    """Bind address: ``0.0.0.0`` (all interfaces) or one interface's address."""
+    host: str = "127.0.0.1"
+    """Bind address: ``127.0.0.1`` (this machine only, the default), one interface's address, or ``0.0.0.0``
+    (all interfaces). Flower 1.42's Control API (submit runs, register site keys) shares the port and has no
+    authentication, so the SuperLink is reachable from elsewhere only when ``medfed server init --host`` says so."""
     port: int = DEFAULT_PORT
     """The one TCP port sites connect to (inbound at the coordinator only)."""
     names: tuple[str, ...] = ()
@@ -101,6 +108,11 @@ class ServerDir:
     def runs(self) -> Path:
         return self.root / "runs"
 
+    @property
+    def anchors(self) -> Path:
+        """The coordinator's anchors of the sites' privacy ledgers (:class:`medfed.privacy.anchors.AnchorStore`)."""
+        return self.root / "anchors.json"
+
     def session(self) -> ProcessSession:
         """The coordinator's process session (flwr CLI folder and logs inside the server folder)."""
         return ProcessSession(flwr_home=self.root / "flwr-home", log_dir=self.root / "logs")
@@ -126,17 +138,36 @@ def read_settings(sd: ServerDir) -> ServerSettings:
     return settings
 
 
-def init_server(root: Path, names: list[str], *, host: str = "0.0.0.0", port: int = DEFAULT_PORT,
+LOCAL_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def bind_address_note(host: str) -> str:
+    """What binding the SuperLink to ``host`` means, for ``medfed server init`` to print."""
+    if host in LOCAL_HOSTS:
+        return (f"bound to {host}: only this machine reaches the SuperLink, because Flower 1.42's Control API on "
+                "the same port (submit runs, register keys) has no authentication. For remote sites, run "
+                "`medfed server init --renew-cert --host <interface address>` and allow the port only from the "
+                "sites' addresses (docs/deployment.md, section 2)")
+    return (f"bound to {host}: anyone who reaches this port can submit runs and register keys (Flower 1.42's "
+            "Control API has no authentication); allow it only from the sites' addresses (docs/deployment.md, "
+            "section 2)")
+
+
+@private_files
+def init_server(root: Path, names: list[str], *, host: str | None = None, port: int = DEFAULT_PORT,
                 days: int = 825, renew_cert: bool = False) -> ServerDir:
     """Create the CA (once), issue the SuperLink's certificate for ``names`` and write ``server.toml`` and the
     flwr CLI connection. With ``renew_cert`` an existing folder keeps its CA and gets a new server certificate
-    (sites need nothing new)."""
+    (sites need nothing new). ``host`` is the bind address: by default ``127.0.0.1``, or the folder's current one
+    when renewing (see :attr:`ServerSettings.host`)."""
     sd = ServerDir(Path(root).expanduser().resolve())
     if sd.settings_path.exists() and not renew_cert:
         raise ConfigError(f"{sd.settings_path}: exists; pass --renew-cert to issue a new server certificate")
+    if host is None:
+        host = read_settings(sd).host if sd.settings_path.exists() else ServerSettings().host
     if not 0 < port < 65536:
         raise ConfigError(f"port {port} is not a TCP port (1-65535)")
-    sd.root.mkdir(parents=True, exist_ok=True)
+    make_private_dir(sd.root)
     if not sd.ca.cert.exists():
         create_ca(sd.ca.cert.parent)
     bind = [] if host in ("0.0.0.0", "::", "") else [host]
@@ -149,10 +180,16 @@ def init_server(root: Path, names: list[str], *, host: str = "0.0.0.0", port: in
     return sd
 
 
+@private_files
 def start_server(session: ProcessSession, sd: ServerDir, health_timeout: float = 60.0) -> subprocess.Popen:
     """Start the SuperLink with TLS, SuperNode authentication, the persistent database and no runtime
-    dependency installation; returns once it answers ``/health`` over TLS."""
+    dependency installation; returns once it answers ``/health`` over TLS. The server folder is made 0700 and
+    the SuperLink (and the ServerApps it starts) write 0600 files."""
     settings = read_settings(sd)
+    make_private_dir(sd.root)
+    for private in (sd.database, sd.registry, sd.anchors):  # folders made before medfed set these modes
+        if private.exists():
+            private.chmod(0o600)
     return start_superlink(session, settings.port, tls=sd.tls, supernode_auth=True, database=sd.database,
                            host=settings.host, name=SUPERLINK, health_timeout=health_timeout)
 
@@ -185,6 +222,7 @@ def read_registry(sd: ServerDir) -> list[SiteRecord]:
         raise ConfigError(f"{sd.registry}: not a site registry ({err})") from None
 
 
+@private_files
 def write_registry(sd: ServerDir, records: list[SiteRecord]) -> None:
     tmp = sd.registry.with_suffix(".tmp")
     tmp.write_text(json.dumps({"sites": [dataclasses.asdict(r) for r in records]}, indent=2) + "\n")
@@ -272,16 +310,19 @@ def site_table(sd: ServerDir) -> list[dict[str, Any]]:
 
 def deployment_run_config(cfg: RunConfig, sd: ServerDir) -> RunConfig:
     """Fix what the server must know before any site reports: the image shape (it is not read from site data
-    in deployment) and an absolute run folder (default: the server folder's ``runs/``)."""
+    in deployment), an absolute run folder (default: the server folder's ``runs/``) and the coordinator's anchors of
+    the sites' ledgers (``anchors.json``)."""
     from medfed.federation.site import federated_data_config
 
     federated_data_config(cfg)
     out = Path(cfg.output.dir).expanduser()
     out = out if cfg.output.dir != RunConfig().output.dir else sd.runs
     output = dataclasses.replace(cfg.output, dir=str(out.resolve()), name=run_name(cfg))
-    return dataclasses.replace(cfg, output=output)
+    federation = dataclasses.replace(cfg.federation, ledger_anchors=str(sd.anchors))
+    return dataclasses.replace(cfg, output=output, federation=federation)
 
 
+@private_files
 def submit_deployed_run(sd: ServerDir, cfg: RunConfig, *, wait: bool = True, show_progress: bool = True,
                         timeout: float | None = None) -> tuple[int, RunDir, dict]:
     """Submit ``cfg`` to the running SuperLink as a thin Flower app (``pyproject.toml`` only) and, with
@@ -303,13 +344,3 @@ def submit_deployed_run(sd: ServerDir, cfg: RunConfig, *, wait: bool = True, sho
                              show_progress=show_progress, label=f"run {run_id} ({cfg.federation.num_sites} sites)")
                   if wait else {"run-id": run_id, "status": "submitted"})
     return run_id, run, status
-
-
-def round_participation(run: RunDir) -> list[dict[str, Any]]:
-    """Per round, from the run's ``metrics.jsonl``: aggregated or not, the sites that took part, the sites
-    sampled but missing, and why replies failed (e.g. a site's privacy cap)."""
-    if not run.metrics_path.exists():
-        raise ConfigError(f"{run.metrics_path}: not a run folder (no metrics.jsonl)")
-    return [{"round": r["round"], "aggregated": r["aggregated"], "participating": r["sites_participating"],
-             "missing": r["sites_missing"], "failures": r.get("failures", []),
-             "rejected": r.get("rejected", {})} for r in run.read_metrics() if "round" in r]

@@ -14,24 +14,37 @@ Example (``medfed site init`` writes it; paths are relative to the file's folder
 
     [privacy]
     cap-epsilon = 10.0                           # total epsilon the hospital allows, over all runs
-    cap-delta = 1e-5                             # optional; default: the run's privacy.delta
     state-dir = "state"                          # the privacy ledger lives here (0700)
+
+    [policy]                                     # the site's rules: checked before any data is loaded
+    delta = 1e-5                                 # required; every run's privacy.delta must equal it
+    dataset-size = 1200                          # required for DP runs: the image count, declared public
+    require-dp = true                            # refuse runs without DP-SGD
+    require-secure-aggregation = true            # refuse rounds that are not masked by SecAgg+
+    min-sites-per-round = 3                      # refuse rounds over fewer sites
+    share-evaluation = false                     # answer federated evaluation (outside the DP guarantee)
+    max-run-epsilon = 0.0                        # largest target epsilon a run may plan (0: cap only)
+    min-noise-multiplier = 0.0                   # smallest DP-SGD noise multiplier accepted (0: no floor)
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+from medfed.contracts import NodeConfig, SitePolicy
 from medfed.datasets import DATASETS
 from medfed.errors import ConfigError
 
 SITE_FILE = "site.toml"
+_KINDS: dict[str, type] = {"bool": bool, "int": int, "float": float, "str": str}
 Scalar = bool | int | float | str
 
 
@@ -47,8 +60,8 @@ class SiteConfig:
         data_path: file or folder of the site's images.
         data_format: medfed dataset name of ``data_path``.
         state_dir: site-private folder; its privacy ledger is ``<state_dir>/privacy-ledger.jsonl``.
-        cap_epsilon: the hospital's privacy cap (epsilon over all runs).
-        cap_delta: the cap's delta, or None for the run's ``privacy.delta``.
+        cap_epsilon: the hospital's privacy cap (epsilon over all runs), at ``policy.delta``.
+        policy: the site's rules (:class:`medfed.contracts.SitePolicy`); ``policy.delta`` is required.
         runtime_port: local port of the SuperNode's runtime API (distinct per SuperNode on one host).
     """
 
@@ -60,17 +73,17 @@ class SiteConfig:
     data_format: str
     state_dir: Path
     cap_epsilon: float
-    cap_delta: float | None = None
+    policy: SitePolicy = field(default_factory=lambda: SitePolicy(delta=1e-5))
     runtime_port: int = 9094
 
+    def node(self) -> NodeConfig:
+        """The site's typed node config (what its ClientApp reads)."""
+        return NodeConfig(site_name=self.name, data_path=str(self.data_path), data_format=self.data_format,
+                          state_dir=str(self.state_dir), cap_epsilon=self.cap_epsilon, policy=self.policy)
+
     def node_config(self) -> dict[str, Scalar]:
-        """The SuperNode's ``--node-config``, as read by :func:`medfed.federation.site.load_site`."""
-        values: dict[str, Scalar] = {"data-path": str(self.data_path), "data-format": self.data_format,
-                                     "site-name": self.name, "state-dir": str(self.state_dir),
-                                     "privacy-cap-epsilon": self.cap_epsilon}
-        if self.cap_delta is not None:
-            values["privacy-cap-delta"] = self.cap_delta
-        return values
+        """The SuperNode's ``--node-config``: :meth:`node` in Flower's flat form."""
+        return self.node().to_flower()
 
 
 def validate_site(cfg: SiteConfig, source: str) -> SiteConfig:
@@ -87,8 +100,10 @@ def validate_site(cfg: SiteConfig, source: str) -> SiteConfig:
         raise bad("data.format", f"'{cfg.data_format}' is not one of {', '.join(DATASETS)}")
     if not (cfg.cap_epsilon > 0 and math.isfinite(cfg.cap_epsilon)):
         raise bad("privacy.cap-epsilon", "must be a finite number > 0")
-    if cfg.cap_delta is not None and not 0 < cfg.cap_delta < 1:
-        raise bad("privacy.cap-delta", "must be in (0, 1)")
+    cfg.policy.validate(source)
+    if cfg.policy.delta <= 0:
+        raise bad("policy.delta", "is required: the delta of every (epsilon, delta) statement about this site, "
+                  "e.g. 1e-5 (well below 1 / images)")
     if not 0 < cfg.runtime_port < 65536:
         raise bad("runtime-port", "must be a TCP port (1-65535)")
     return cfg
@@ -105,9 +120,9 @@ def to_toml(cfg: SiteConfig, folder: Path) -> str:
     doc: dict[str, Any] = {"name": cfg.name, "superlink": cfg.superlink, "ca-cert": rel(cfg.ca_cert),
                            "private-key": rel(cfg.private_key), "runtime-port": cfg.runtime_port,
                            "data": {"path": str(cfg.data_path), "format": cfg.data_format},
-                           "privacy": {"cap-epsilon": cfg.cap_epsilon, "state-dir": rel(cfg.state_dir)}}
-    if cfg.cap_delta is not None:
-        doc["privacy"]["cap-delta"] = cfg.cap_delta
+                           "privacy": {"cap-epsilon": cfg.cap_epsilon, "state-dir": rel(cfg.state_dir)},
+                           "policy": {f.name.replace("_", "-"): getattr(cfg.policy, f.name)
+                                      for f in dataclasses.fields(cfg.policy)}}
     return "# medfed site configuration (see docs/deployment.md)\n" + tomli_w.dumps(doc)
 
 
@@ -138,15 +153,25 @@ def read_site_config(site: Path) -> SiteConfig:
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
     folder = path.parent.resolve()
-    expected = {"": {"name", "superlink", "ca-cert", "private-key", "runtime-port", "data", "privacy"},
-                "data": {"path", "format"}, "privacy": {"cap-epsilon", "cap-delta", "state-dir"}}
+    policy_keys = {f.name.replace("_", "-"): f for f in dataclasses.fields(SitePolicy)}
+    expected = {"": {"name", "superlink", "ca-cert", "private-key", "runtime-port", "data", "privacy", "policy"},
+                "data": {"path", "format"}, "privacy": {"cap-epsilon", "state-dir"}, "policy": set(policy_keys)}
+    if "cap-delta" in doc.get("privacy", {}):
+        raise ConfigError(f"{path}: 'privacy.cap-delta' moved to 'policy.delta' (required): the run's "
+                          "privacy.delta must equal it")
     for table, keys in expected.items():
         values = doc if not table else doc.get(table, {})
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: '{table}' must be a table")
         unknown = set(values) - keys
         if unknown:
-            raise ConfigError(f"{path}: unknown key '{(table + '.') if table else ''}{sorted(unknown)[0]}'")
+            key = sorted(unknown)[0]
+            close = difflib.get_close_matches(key, sorted(keys), n=1)
+            hint = f" (did you mean '{(table + '.') if table else ''}{close[0]}'?)" if close else ""
+            raise ConfigError(f"{path}: unknown key '{(table + '.') if table else ''}{key}'{hint}")
+    if "delta" not in doc.get("policy", {}):
+        raise ConfigError(f"{path}: missing key 'policy.delta' (the delta of every (epsilon, delta) statement "
+                          "about this site, e.g. 1e-5)")
 
     def get(key: str, kind: type, default: object = ...) -> Any:
         table, _, name = key.rpartition(".")
@@ -166,6 +191,8 @@ def read_site_config(site: Path) -> SiteConfig:
     cfg = SiteConfig(name=get("name", str), superlink=get("superlink", str), ca_cert=resolve(get("ca-cert", str)),
                      private_key=resolve(get("private-key", str)), data_path=resolve(get("data.path", str)),
                      data_format=get("data.format", str), state_dir=resolve(get("privacy.state-dir", str)),
-                     cap_epsilon=get("privacy.cap-epsilon", float), cap_delta=get("privacy.cap-delta", float, None),
+                     cap_epsilon=get("privacy.cap-epsilon", float),
+                     policy=SitePolicy(**{f.name: get(f"policy.{key}", _KINDS[str(f.type)], f.default)
+                                          for key, f in policy_keys.items()}),
                      runtime_port=get("runtime-port", int, 9094))
     return validate_site(cfg, str(path))

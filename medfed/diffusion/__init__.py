@@ -1,6 +1,16 @@
-"""DDPM noising, the epsilon-prediction loss and the DDPM/DDIM samplers, on MONAI schedulers."""
+"""DDPM noising, the epsilon-prediction loss, the training step and the DDPM/DDIM samplers, on MONAI schedulers."""
 
-from medfed.diffusion.ddpm import make_scheduler, per_sample_loss
+from medfed.diffusion.ddpm import (
+    check_labels,
+    condition_labels,
+    denoising_error,
+    draw_noisy_inputs,
+    make_scheduler,
+    per_sample_loss,
+    predict_noise,
+)
 from medfed.diffusion.sampling import sample_images
+from medfed.diffusion.training import StepOptions, train_step
 
-__all__ = ["make_scheduler", "per_sample_loss", "sample_images"]
+__all__ = ["StepOptions", "check_labels", "condition_labels", "denoising_error", "draw_noisy_inputs",
+           "make_scheduler", "per_sample_loss", "predict_noise", "sample_images", "train_step"]

@@ -1,4 +1,14 @@
-"""The DDPM training objective (Ho et al. 2020, epsilon prediction) on a MONAI noise schedule."""
+"""The DDPM training objective (Ho et al. 2020, epsilon prediction) on a MONAI noise schedule, written once.
+
+Every training path builds on the pieces here: :func:`draw_noisy_inputs` (t, eps and x_t), :func:`predict_noise`
+(the network call, with class labels when the model is conditional) and :func:`denoising_error` (the squared error
+per image). Centralized training and a site's non-private loop take :func:`per_sample_loss`; the DP-SGD engines
+(``medfed.privacy.dp_sgd``, ``medfed.privacy.layer_grads``) take the pieces, because they need per-image gradients.
+
+Class-conditional models (``model.num-classes`` > 0) have ``num_classes + 1`` class embeddings: the last one,
+index ``num_classes``, is the null class of classifier-free guidance (Ho & Salimans 2022), trained by replacing a
+label with it at probability ``train.label-dropout`` (:func:`condition_labels`) and used for unlabelled images.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +17,7 @@ from monai.networks.schedulers import DDPMScheduler
 from torch import nn
 
 from medfed.config import DiffusionConfig
+from medfed.errors import ConfigError
 
 
 def make_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
@@ -20,26 +31,81 @@ def make_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
     )
 
 
+def draw_noisy_inputs(scheduler: DDPMScheduler, x0: torch.Tensor, draws: int,
+                      generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K noise draws per image: ``x_t`` (B, K, C, H, W), ``t`` (B, K) int64 in [0, T), ``eps`` (B, K, C, H, W).
+
+    ``x0`` is (B, C, H, W) in [-1, 1]; t and eps come from ``generator`` (t first, then eps).
+    """
+    b = x0.shape[0]
+    t = torch.randint(0, scheduler.num_train_timesteps, (b, draws), device=x0.device, generator=generator)
+    eps = torch.randn((b, draws, *x0.shape[1:]), device=x0.device, dtype=x0.dtype, generator=generator)
+    x0k = x0.unsqueeze(1).expand_as(eps)
+    x_t = scheduler.add_noise(original_samples=x0k.flatten(0, 1), noise=eps.flatten(0, 1), timesteps=t.flatten())
+    return x_t.view_as(eps), t, eps
+
+
+def predict_noise(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
+                  labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The network's predicted noise (N, C, H, W) for ``x_t`` (N, C, H, W), ``t`` (N,) and, for a
+    class-conditional model, ``labels`` (N,) int64 in [0, num_classes] (``num_classes`` = the null class)."""
+    return model(x_t, t) if labels is None else model(x_t, t, class_labels=labels)
+
+
+def denoising_error(pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The DDPM objective of each row: ``|| pred - eps ||^2`` averaged over pixels, (N, ...) -> (N,)."""
+    return (pred.float() - eps).pow(2).flatten(1).mean(1)
+
+
 def per_sample_loss(
     model: nn.Module,
     scheduler: DDPMScheduler,
     x0: torch.Tensor,
     generator: torch.Generator | None = None,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Denoising loss of each image: ``|| eps_theta(x_t, t) - eps ||^2`` averaged over pixels.
+    """Denoising loss of each image: ``|| eps_theta(x_t, t[, y]) - eps ||^2`` averaged over pixels.
 
     Args:
-        model: maps (B, C, H, W) noisy images and (B,) timesteps to (B, C, H, W) predicted noise.
+        model: maps (B, C, H, W) noisy images and (B,) timesteps (and (B,) labels) to (B, C, H, W) predicted noise.
         scheduler: the noise schedule.
         x0: clean images, (B, C, H, W) in [-1, 1].
         generator: source of t and eps, for reproducible runs.
+        labels: (B,) class indices from :func:`condition_labels` for a conditional model, else None.
 
     Returns:
         (B,) loss per image. A mean over images gives the usual DDPM loss; DP-SGD clips per image.
     """
-    b = x0.shape[0]
-    t = torch.randint(0, scheduler.num_train_timesteps, (b,), device=x0.device, generator=generator)
-    noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-    x_t = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
-    pred = model(x_t, t)
-    return (pred - noise).pow(2).flatten(1).mean(1)
+    x_t, t, eps = draw_noisy_inputs(scheduler, x0, 1, generator)
+    return denoising_error(predict_noise(model, x_t[:, 0], t[:, 0], labels), eps[:, 0])
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, where: str) -> None:
+    """Raise :class:`ConfigError` when a conditional model (``num_classes`` > 0) meets a label it has no
+    embedding for; unlabelled images (label -1) are fine, they train the null class."""
+    if num_classes > 0 and len(labels) and int(labels.max()) >= num_classes:
+        raise ConfigError(f"config key 'model.num-classes' is {num_classes}, but {where} has label "
+                          f"{int(labels.max())}; set it to at least {int(labels.max()) + 1}")
+
+
+def condition_labels(labels: torch.Tensor, num_classes: int, dropout: float,
+                     generator: torch.Generator | None) -> torch.Tensor | None:
+    """The class labels a conditional model trains on, or None for an unconditional one (``num_classes`` 0).
+
+    Args:
+        labels: (B,) int64 dataset labels, -1 where unknown.
+        num_classes: ``model.num-classes``.
+        dropout: probability that a label is replaced by the null class ``num_classes`` (classifier-free guidance).
+        generator: source of the dropout draws, on the labels' device.
+
+    Returns:
+        (B,) int64 labels in [0, num_classes]: unknown and dropped labels are ``num_classes``.
+    """
+    if num_classes <= 0:
+        return None
+    null = torch.full_like(labels, num_classes)
+    y = torch.where(labels < 0, null, labels)
+    if dropout > 0:
+        drop = torch.rand(labels.shape, device=labels.device, generator=generator) < dropout
+        y = torch.where(drop, null, y)
+    return y

@@ -12,10 +12,15 @@ elsewhere. ``benchmarks/bench_sampling.py`` measures each choice against a plain
   it adds about 1.2x to float32 and 1.3-1.5x to bfloat16.
 - ``channels_last=True``: exact up to float rounding; about 1.1x for float32 on the CPU at 32x32, but slower
   below 32x32, and 2x slower with bfloat16 at 28x28 (PyTorch's channels-last GroupNorm is slow for small images).
+
+Class-conditional models (``model.num-classes`` > 0) sample the classes asked for, by default every class in
+turn; with a guidance scale w > 0 (classifier-free guidance) each step runs the conditional and the null-class
+inputs as one doubled batch and uses ``eps = (1 + w) eps_cond - w eps_uncond``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -24,6 +29,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 from medfed.config import DiffusionConfig
+from medfed.diffusion.ddpm import predict_noise
 from medfed.errors import ConfigError
 from medfed.progress import progress_bar
 
@@ -32,6 +38,42 @@ PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.
 
 NoisePredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``predict(x_t, t) -> eps``: (B, C, H, W) float32 noisy images and (B,) int64 timesteps to (B, C, H, W) float32."""
+
+
+def num_classes_of(model: nn.Module) -> int:
+    """The classes a model built by ``build_unet`` is conditional on (its class embeddings less the null one);
+    0 for an unconditional model."""
+    embeds = getattr(model, "num_class_embeds", None)
+    return int(embeds) - 1 if embeds else 0
+
+
+def class_cycle(num: int, num_classes: int) -> torch.Tensor:
+    """(num,) int64 labels ``0, 1, ..., num_classes - 1, 0, 1, ...``: every class in turn."""
+    return torch.arange(num) % num_classes
+
+
+def class_rows(num: int, num_classes: int) -> torch.Tensor:
+    """Labels of a grid with one row per class: ``ceil(num / num_classes)`` images of class 0, then of class 1...
+    (``num`` rounded up to a multiple of ``num_classes``); save it with that many images per row."""
+    return torch.arange(num_classes).repeat_interleave(math.ceil(num / num_classes))
+
+
+def guided(predict: Callable[..., torch.Tensor], labels: torch.Tensor | None, null_class: int,
+           guidance: float) -> NoisePredictor:
+    """``predict(x, t, labels)`` as a :data:`NoisePredictor` for fixed (B,) ``labels``.
+
+    ``guidance`` w = 0 (or no labels) is one pass; w > 0 is classifier-free guidance, one pass of the doubled batch
+    (the images with their labels, then with the null class): ``eps = (1 + w) eps_cond - w eps_uncond``.
+    """
+    if labels is None or guidance == 0:
+        return lambda x, t: predict(x, t, labels)
+    both = torch.cat([labels, torch.full_like(labels, null_class)])
+
+    def predict_guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        eps_cond, eps_uncond = predict(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return (1 + guidance) * eps_cond - guidance * eps_uncond
+
+    return predict_guided
 
 
 def make_sampler(cfg: DiffusionConfig, sampler: str, steps: int) -> DDPMScheduler | DDIMScheduler:
@@ -94,8 +136,10 @@ def noise_predictor(
     channels_last: bool = False,
     precision: str = "auto",
     compile: bool = False,
-) -> Iterator[NoisePredictor]:
+) -> Iterator[Callable[..., torch.Tensor]]:
     """Yield the model as a fast :data:`NoisePredictor`; on exit the model is as it was (mode, memory format).
+
+    The predictor also takes (B,) int64 ``labels`` as a third argument, for class-conditional models.
 
     Args:
         model: epsilon-predicting UNet on ``device``; it is put in eval mode while the context is open.
@@ -117,7 +161,7 @@ def noise_predictor(
         compiled_batch: int | None = None
         autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext
 
-        def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def predict(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
             nonlocal compiled_batch
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -127,7 +171,7 @@ def noise_predictor(
                 if device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()
             with autocast():
-                return net(x, t).float()
+                return predict_noise(net, x, t, labels).float()
 
         yield predict
     finally:
@@ -180,6 +224,8 @@ def sample_images(
     channels_last: bool = False,
     precision: str = "auto",
     compile: bool = False,
+    class_labels: torch.Tensor | list[int] | None = None,
+    guidance: float | None = None,
 ) -> torch.Tensor:
     """Generate ``num`` images from pure noise.
 
@@ -196,6 +242,9 @@ def sample_images(
         show_progress: draw a progress bar.
         channels_last, precision, compile: speed switches, see :func:`noise_predictor`; ``precision="float32"``
             turns off the only default that changes the arithmetic (bfloat16 on CPUs with AMX).
+        class_labels: conditional models only: (num,) class of each image in [0, num_classes); ``None`` draws every
+            class in turn (:func:`class_cycle`).
+        guidance: classifier-free guidance scale w >= 0 of conditional models; defaults to ``cfg.guidance``.
 
     Returns:
         (num, C, H, W) float32 images in [-1, 1], on the CPU.
@@ -205,6 +254,10 @@ def sample_images(
     precision = resolve_precision(precision, device)
     batch_size = batch_size or default_batch_size(device, image_shape)
     batches = [min(batch_size, num - start) for start in range(0, num, batch_size)]
+    labels = sample_labels(model, num, class_labels)
+    guidance = cfg.guidance if guidance is None else guidance
+    if guidance < 0:
+        raise ConfigError(f"guidance scale {guidance} (--guidance, diffusion.guidance) must be >= 0")
     out = []
     total = len(batches) * len(scheduler.timesteps)
     with (progress_bar(f"sampling {num} images ({sampler})", total=total, enabled=show_progress) as advance,
@@ -212,6 +265,29 @@ def sample_images(
         for index, b in enumerate(batches):
             generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
             x = torch.randn((b, *image_shape), device=device, generator=generator)
-            x = denoise(predict, scheduler, x, generator=generator, eta=cfg.ddim_eta, on_step=advance)
+            batch_labels = None if labels is None else labels[index * batch_size:index * batch_size + b].to(device)
+            x = denoise(guided(predict, batch_labels, num_classes_of(model), guidance), scheduler, x,
+                        generator=generator, eta=cfg.ddim_eta, on_step=advance)
             out.append(x.clamp(-1, 1).float().cpu().contiguous())
     return torch.cat(out)
+
+
+def sample_labels(model: nn.Module, num: int, class_labels: torch.Tensor | list[int] | None) -> torch.Tensor | None:
+    """The (num,) int64 class labels to sample a conditional ``model`` with (None for an unconditional one).
+
+    Raises:
+        ConfigError: labels for an unconditional model, a wrong count, or a class the model does not have.
+    """
+    classes = num_classes_of(model)
+    if classes == 0:
+        if class_labels is not None:
+            raise ConfigError("class labels were given, but the model is unconditional (model.num-classes = 0)")
+        return None
+    if class_labels is None:
+        return class_cycle(num, classes)
+    labels = torch.as_tensor(class_labels, dtype=torch.long).flatten().cpu()
+    if len(labels) != num:
+        raise ConfigError(f"{len(labels)} class labels given for {num} images")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        raise ConfigError(f"class labels must be in [0, {classes - 1}] (model.num-classes = {classes})")
+    return labels

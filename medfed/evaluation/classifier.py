@@ -24,7 +24,7 @@ from medfed import __version__
 from medfed.checkpoint import load_payload, save_atomic
 from medfed.datasets import ImageDataset, convert_channels, resize
 from medfed.errors import CheckpointError, DatasetError
-from medfed.evaluation.features import FeatureNetwork
+from medfed.evaluation.network import FeatureNetwork
 from medfed.progress import progress_bar
 
 FORMAT = "medfed-feature-classifier/1"

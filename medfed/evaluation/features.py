@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from medfed.errors import MedfedError
+from medfed.evaluation.network import FeatureNetwork, FeatureNetworkUnavailable
 from medfed.images import to_uint8
 from medfed.progress import progress_bar
 
@@ -40,31 +39,6 @@ INCEPTION_WEIGHT_FILES = ("pt_inception-2015-12-05-6726825d.pth", "weights-incep
 INCEPTION_SHA256_PREFIX = "6726825d"
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
-
-
-class FeatureNetworkUnavailable(MedfedError):
-    """A feature network cannot be loaded here (missing weights file or package); the message says what is missing."""
-
-
-class FeatureNetwork(nn.Module):
-    """Base of the feature networks: ``forward`` maps uint8 (N, C, H, W) pixels to (N, num_features) features.
-
-    Attributes:
-        name: stable identifier reported beside every number computed from this network.
-        num_features: feature dimension D (torchmetrics reads it instead of running a dummy image).
-        score_name: ``inception-score`` or ``classifier-score`` for networks with logits, else ``""``.
-    """
-
-    name: str
-    num_features: int
-    score_name: str = ""
-
-    def features_and_logits(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(N, D) features and (N, K) logits (None when the network has none) in one pass."""
-        raise NotImplementedError
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.features_and_logits(pixels)[0]
 
 
 def as_rgb(pixels: torch.Tensor) -> torch.Tensor:

@@ -1,16 +1,21 @@
-"""Per-site evaluation in federated runs: the sites score the global model's samples and reply with numbers only.
+"""Per-site evaluation in federated runs: each site scores the global model it holds and replies with numbers only.
 
-Every ``evaluation.every-rounds`` rounds (and after the last round), the server samples
-``evaluation.num-samples`` images from the global model and sends them, as uint8 pixels with their sha256, in
-Flower legacy ``EvaluateIns``. Each site scores them against its **own test images** (FID, KID,
-precision/recall/density/coverage, classifier or Inception score, on ``evaluation.feature-network``) and audits them
-against its **own training images** (:mod:`medfed.evaluation.memorization`), then replies with an ``EvaluateRes``
-whose metrics are scalars: no arrays, no images, no per-image indices. The server refuses replies that carry
-arrays or byte strings, records every site's numbers and their example-weighted mean (weights: each site's number
-of test images; a mean of per-site scores, not a pooled FID) in ``evaluation.jsonl``, and plots them.
+Every ``evaluation.every-rounds`` rounds (and after the last round) the server sends each site an evaluation
+request that carries **no pixels and no model**: only the round. Each site loads the global model it received for
+training in that run (kept in its state folder at fit time), draws ``evaluation.num-samples`` images from it with
+a seed derived from the run's seed and the round (so every site scores the same samples, and nobody else chooses
+the images a site is compared against), scores them against its **own test images** (FID, KID,
+precision/recall/density/coverage, classifier or Inception score, on ``evaluation.feature-network``) and audits
+them against its **own training images** (:mod:`medfed.evaluation.memorization`). The reply is an
+``EvaluateRes`` of scalars: the scores, and of the audit only whether it passed and how many near-copies it
+found. The server refuses replies that carry arrays or byte strings, records every site's numbers and their
+example-weighted mean (weights: each site's number of test images) in ``evaluation.jsonl``, and plots them.
 
-These statistics are computed on private data **outside any differential-privacy guarantee** of training. A site
-can decline with ``share-evaluation = false`` in its node config.
+What this reveals: the scores are statistics of the site's private test images and the audit's count is a
+statistic of its training images, both **outside any differential-privacy guarantee**. A site answers only when
+its policy says ``share-evaluation = true`` (the default is false). A coordinator that sends a crafted model for
+training (every site then trains on it and spends budget) could learn from the near-copy count whether images
+that model generates are close to a site's training images; that is why the count is all that leaves.
 """
 
 from __future__ import annotations
@@ -19,20 +24,18 @@ import dataclasses
 import functools
 import json
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from logging import ERROR
 from pathlib import Path
 from typing import Any, cast
 
 import flwr.compat.common.recorddict_compat as compat
-import numpy as np
 import torch
 from flwr.app import Context, Message, MessageType, RecordDict
-from flwr.common import Code, EvaluateIns, EvaluateRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Code, EvaluateIns, EvaluateRes, Status, ndarrays_to_parameters
 from flwr.common.logger import log
 from flwr.server import LegacyContext
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.serverapp import Grid
 
 from medfed.config import RunConfig, from_flat
@@ -41,12 +44,13 @@ from medfed.devices import resolve_device
 from medfed.diffusion import sample_images
 from medfed.errors import MedfedError
 from medfed.evaluation.features import FeatureNetwork, FeatureSet, extract_features, load_feature_network
-from medfed.evaluation.memorization import audit_memorization, images_sha256, nearest_two
+from medfed.evaluation.memorization import audit_memorization, images_sha256
 from medfed.evaluation.metrics import compute_scores
-from medfed.federation.site import Site, load_site
+from medfed.contracts import NodeConfig, Reason, Refusal
+from medfed.federation.policy import Refused, node_of
+from medfed.federation.site import Site, held_global_model, load_site
 from medfed.federation.weights import set_weights
 from medfed.federation.workflow import MeteredGrid
-from medfed.images import to_uint8
 from medfed.models import build_unet
 from medfed.plots import line_plot
 from medfed.runs import RunDir
@@ -93,7 +97,7 @@ def _features(cfg: RunConfig, device: str, images: _ByDigest, source: str) -> Fe
                             batch_size=ev.batch_size)
 
 
-def site_test_data(cfg: RunConfig, node_config: Mapping[str, Scalar], train: ImageDataset) -> tuple[ImageDataset, str]:
+def site_test_data(cfg: RunConfig, node: NodeConfig, train: ImageDataset) -> tuple[ImageDataset, str]:
     """The site's own real test images and a label of what they are.
 
     Deployment: ``test-data-path`` in the node config, else the ``test`` split of the site's ``data-path``.
@@ -101,9 +105,9 @@ def site_test_data(cfg: RunConfig, node_config: Mapping[str, Scalar], train: Ima
     the reference, and the label says so (FID against train and against test are not comparable).
     """
     test_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split="test"))
-    node = dict(node_config)
-    if node.get("test-data-path"):
-        node["data-path"] = node["test-data-path"]
+    if node.test_data_path:
+        node = dataclasses.replace(node, data_path=node.test_data_path)
+    node = dataclasses.replace(node, policy=dataclasses.replace(node.policy, dataset_size=0))
     try:
         test = load_site(test_cfg, node).data
     except MedfedError:
@@ -116,7 +120,8 @@ def site_test_data(cfg: RunConfig, node_config: Mapping[str, Scalar], train: Ima
 def evaluate_at_site(generated: torch.Tensor, cfg: RunConfig, site: Site, test: ImageDataset,
                      reference: str) -> dict[str, Scalar]:
     """Score generated images (N, C, H, W) in [-1, 1] against the site's test images and audit them against its
-    training images. Returns scalars only (see the module docstring)."""
+    training images. Returns scalars only: the scores, and of the audit whether it passed and the near-copy
+    count (see the module docstring for what they reveal)."""
     ev = cfg.evaluation
     device = str(resolve_device(cfg.train.device))
     network = _network(cfg, device)
@@ -124,7 +129,7 @@ def evaluate_at_site(generated: torch.Tensor, cfg: RunConfig, site: Site, test: 
     fake = extract_features(network, generated, source="generated", protocol=ev.protocol, batch_size=ev.batch_size)
     metrics: dict[str, Scalar] = {
         "site": site.name, "feature-network": network.name, "protocol": ev.protocol, "reference": reference[:MAX_TEXT],
-        "num-real": len(test), "num-generated": len(generated), "num-train": len(site.data),
+        "num-real": len(test), "num-generated": len(generated),
     }
     for score in compute_scores(real, fake, kid_subset_size=ev.kid_subset_size, prdc_k=ev.prdc_k,
                                 seed=cfg.train.seed):
@@ -134,48 +139,47 @@ def evaluate_at_site(generated: torch.Tensor, cfg: RunConfig, site: Site, test: 
                 metrics[f"{score.metric}-std"] = score.std
     audit = audit_memorization(generated, site.data.images, reference_source=site.name,
                                threshold=ev.near_copy_threshold, max_fraction=ev.max_near_copy_fraction)
-    pixel = audit["pixel"]
-    train_features = _features(cfg, device, _ByDigest(site.data.images), "training images").features
-    feature = nearest_two(fake.features, train_features)
-    metrics.update({
-        "memorization-passed": audit["passed"],
-        "near-copy-fraction": audit["near_copy_fraction"],
-        "near-copy-count": audit["near_copy_count"],
-        "near-copy-threshold": audit["near_copy_threshold"],
-        "nn-rms-distance-min": pixel["nn_rms_distance"]["min"],
-        "nn-rms-distance-median": pixel["nn_rms_distance"]["median"],
-        "nn-ratio-min": pixel["nn_ratio"]["min"],
-        "nn-ratio-median": pixel["nn_ratio"]["median"],
-        "feature-nn-distance-median": float(feature.nearest.median()),
-        "feature-nn-ratio-min": float(feature.ratio.min()),
-        "feature-nn-ratio-median": float(feature.ratio.median()),
-    })
+    metrics.update({"memorization-passed": audit["passed"], "near-copy-count": audit["near_copy_count"]})
     return metrics
 
 
-def declines(node_config: Mapping[str, Scalar]) -> bool:
-    """A site declines evaluation with ``share-evaluation = false`` in its node config."""
-    return str(node_config.get("share-evaluation", "true")).strip().lower() in {"false", "0", "no", "off"}
+def evaluation_seed(cfg: RunConfig, server_round: int) -> int:
+    """The sampling seed of an evaluation round: the same at every site, fixed by the run config."""
+    return cfg.train.seed * 1_000_003 + server_round
+
+
+def sample_held_model(cfg: RunConfig, site: Site, run_id: int, server_round: int) -> torch.Tensor:
+    """``evaluation.num-samples`` images from the global model the site received for training in this run.
+
+    Raises:
+        Refused: the site holds no global model of this run (it did not train in it).
+    """
+    held = held_global_model(site, run_id)
+    if held is None:
+        raise Refused(Reason.PROTOCOL, f"site {site.name}: no global model of run {run_id} to evaluate")
+    device = resolve_device(cfg.train.device)
+    model = build_unet(cfg.model.preset, site.data.image_shape[0], cfg.model.num_classes)
+    set_weights(model, held.weights)
+    return sample_images(model.to(device), cfg.diffusion, cfg.evaluation.num_samples, site.data.image_shape,
+                         device=device, seed=evaluation_seed(cfg, server_round)).cpu()
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
-    """The ClientApp's evaluate handler: legacy ``EvaluateIns`` in (generated pixels + sha256), numbers out."""
+    """The ClientApp's evaluate handler: legacy ``EvaluateIns`` in (the round only), numbers out."""
     ins = compat.recorddict_to_evaluateins(msg.content, keep_input=True)
     cfg = from_flat(context.run_config)
-    if declines(context.node_config):
-        res = EvaluateRes(Status(Code.EVALUATE_NOT_IMPLEMENTED, "site does not share evaluation scores"), 0.0, 0, {})
-        return Message(compat.evaluateres_to_recorddict(res), reply_to=msg)
-    (pixels,) = parameters_to_ndarrays(ins.parameters)
-    generated = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8)).float() / 127.5 - 1.0
-    if images_sha256(generated) != ins.config.get("generated-sha256"):
-        raise RuntimeError("generated images arrived corrupted (sha256 differs from the server's)")
+    node = node_of(cfg, context.node_config)
+    if not node.policy.share_evaluation:  # site_guard_mod refuses first; this keeps the handler safe on its own
+        raise Refused(Reason.POLICY_SHARE_EVALUATION, "the site's policy does not share evaluation")
+    server_round = int(ins.config["round"])
     try:
-        site = load_site(cfg, context.node_config)
-        test, reference = site_test_data(cfg, context.node_config, site.data)
+        site = load_site(cfg, node)
+        generated = sample_held_model(cfg, site, context.run_id, server_round)
+        test, reference = site_test_data(cfg, node, site.data)
         metrics = evaluate_at_site(generated, cfg, site, test, reference)
     except MedfedError as err:  # the message may name site files: it stays in the site's log
         log(ERROR, "site evaluation failed: %s", err)
-        raise RuntimeError("the site could not evaluate (details in the site's own log)") from None
+        raise
     res = EvaluateRes(Status(Code.OK, "OK"), float(metrics["fid"]), len(test), metrics)
     return Message(compat.evaluateres_to_recorddict(res), reply_to=msg)
 
@@ -194,8 +198,8 @@ def numbers_only(content: RecordDict) -> str | None:
     return None
 
 
-SUMMED = ("num-real", "num-train")
-NOT_AVERAGED = ("near-copy-count", "near-copy-threshold")
+SUMMED = ("num-real",)
+NOT_AVERAGED = ("near-copy-count",)
 
 
 def weighted_means(sites: dict[str, dict[str, Scalar]], weights: dict[str, int]) -> list[dict[str, Any]]:
@@ -203,7 +207,7 @@ def weighted_means(sites: dict[str, dict[str, Scalar]], weights: dict[str, int])
 
     Weights are each site's number of test images; this is a mean of per-site scores, not a pooled score.
     Returns one entry per (network, protocol): ``feature_network``, ``protocol``, ``sites`` and ``means``
-    (``num-real``/``num-train`` summed, ``near-copy-fraction-max`` the worst site).
+    (``num-real`` summed, ``near-copy-count-max`` the worst site).
     """
     groups: dict[tuple[str, str], list[str]] = {}
     for name, metrics in sites.items():
@@ -220,9 +224,9 @@ def weighted_means(sites: dict[str, dict[str, Scalar]], weights: dict[str, int])
                 means[key] = float(sum(cast(float, sites[n][key]) for n in have))
             elif total > 0:
                 means[key] = sum(weights[n] * cast(float, sites[n][key]) for n in have) / total
-        fractions = [cast(float, sites[n]["near-copy-fraction"]) for n in names if "near-copy-fraction" in sites[n]]
-        if fractions:
-            means["near-copy-fraction-max"] = max(fractions)
+        counts = [cast(float, sites[n]["near-copy-count"]) for n in names if "near-copy-count" in sites[n]]
+        if counts:
+            means["near-copy-count-max"] = max(counts)
         out.append({"feature_network": network, "protocol": protocol, "sites": sorted(names), "means": means})
     return out
 
@@ -246,24 +250,11 @@ class FederatedEvaluation:
         server_round = self.round_offset + local_round
         if not evaluation_due(self.cfg, server_round):
             return
-        weights = parameters_to_ndarrays(compat.arrayrecord_to_parameters(
-            context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
-        self.evaluate(grid, weights, server_round)
+        self.evaluate(grid, server_round)
 
-    def sample(self, weights: list[np.ndarray]) -> torch.Tensor:
-        """The global model's evaluation samples (seeded: the same noise every round)."""
-        model = build_unet(self.cfg.model.preset, self.image_shape[0])
-        set_weights(model, weights)
-        return sample_images(model.to(self.device), self.cfg.diffusion, self.cfg.evaluation.num_samples,
-                             self.image_shape, device=self.device, seed=self.cfg.train.seed)
-
-    def evaluate(self, grid: Grid, weights: list[np.ndarray], server_round: int) -> dict[str, Any]:
+    def evaluate(self, grid: Grid, server_round: int) -> dict[str, Any]:
         start = time.perf_counter()
-        images = self.sample(weights)
-        sampling_s = time.perf_counter() - start
-        pixels = to_uint8(images).numpy()
-        digest = images_sha256(images)
-        ins = EvaluateIns(ndarrays_to_parameters([pixels]), {"round": server_round, "generated-sha256": digest})
+        ins = EvaluateIns(ndarrays_to_parameters([]), {"round": server_round})
         metered = MeteredGrid(grid)
         nodes = sorted(metered.get_node_ids())
         out = [Message(content=compat.evaluateins_to_recorddict(ins, True), dst_node_id=node,
@@ -275,7 +266,13 @@ class FederatedEvaluation:
         for msg in replies:
             node = msg.metadata.src_node_id
             if not msg.has_content():
-                failures.append(f"node {node}: {msg.error.reason}")
+                refusal = Refusal.find(msg.error.reason)
+                if refusal is not None and refusal.reason == Reason.POLICY_SHARE_EVALUATION:
+                    declined.append(refusal.site)
+                else:
+                    failures.append(f"{refusal.site}: {refusal.reason.value}" if refusal else f"node {node}: unreadable "
+                                    "reply (see the server log)")
+                    log(ERROR, "evaluation reply of node %s: %s", node, msg.error.reason[:300])
                 continue
             why = numbers_only(msg.content)
             if why is not None:
@@ -293,8 +290,8 @@ class FederatedEvaluation:
         answered = {m.metadata.src_node_id for m in replies}
         record: dict[str, Any] = {
             "round": server_round,
-            "num_generated": len(images),
-            "generated_sha256": digest,
+            "num_generated": self.cfg.evaluation.num_samples,
+            "seed": evaluation_seed(self.cfg, server_round),
             "sites": sites,
             "weights": weights_by_site,
             "weighted": weighted_means(sites, weights_by_site),
@@ -306,7 +303,6 @@ class FederatedEvaluation:
             "privacy_note": "per-site statistics computed on private data outside the DP guarantee",
             "bytes_down": metered.bytes_down,
             "bytes_up": metered.bytes_up,
-            "sampling_s": sampling_s,
             "wall_s": time.perf_counter() - start,
         }
         append_record(self.run, record)
@@ -330,12 +326,12 @@ def read_records(run: RunDir) -> list[dict[str, Any]]:
 
 
 def plot_evaluation(run: RunDir) -> Path | None:
-    """``evaluation.png``: each site's FID and near-copy fraction against the round."""
+    """``evaluation.png``: each site's FID and near-copy count against the round."""
     records = read_records(run)
     if not records:
         return None
     panels = []
-    for metric, label in (("fid", "FID (per site, own test images)"), ("near-copy-fraction", "near-copy fraction")):
+    for metric, label in (("fid", "FID (per site, own test images)"), ("near-copy-count", "near-copy count")):
         series: dict[str, tuple[list[float], list[float]]] = {}
         for r in records:
             for site, m in r["sites"].items():

@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.console import Console
+
 from medfed.errors import MedfedError
 from medfed.federation.processes import ProcessSession, log_tail
 from medfed.progress import progress_bar
@@ -61,10 +63,18 @@ def start_superlink(session: ProcessSession, port: int, *, simulation: bool = Fa
 
 def start_supernode(session: ProcessSession, superlink: str, port: int, node_config: Mapping[str, Scalar], *,
                     ca_cert: Path | None = None, auth_key: Path | None = None, name: str = "supernode",
-                    max_wait_time: float | None = None) -> subprocess.Popen:
-    """Start ``flower-supernode`` connecting out to ``superlink`` (host:port); ``port`` is its local API port."""
-    args = ["flower-supernode", "--superlink", superlink, "--port", str(port), "--node-config",
-            node_config_arg(node_config)]
+                    max_wait_time: float | None = None, executor_secret: Path | None = None) -> subprocess.Popen:
+    """Start ``flower-supernode`` connecting out to ``superlink`` (host:port); ``port`` is its local runtime API
+    port (127.0.0.1).
+
+    Without ``executor_secret`` the SuperNode runs each task in Flower's ``flwr-clientapp``, which loads the
+    ClientApp named in the run's app bundle. With it (a 0600 file), the SuperNode runs with ``--isolation
+    process`` and ``--superexec-auth-secret-file``: it starts no ClientApp itself, and only a process holding the
+    secret can claim its tasks (a deployed site's :mod:`medfed.deploy.app_guard`)."""
+    args = ["flower-supernode", "--superlink", superlink, "--host", "127.0.0.1", "--port", str(port),
+            "--node-config", node_config_arg(node_config)]
+    if executor_secret is not None:
+        args += ["--isolation", "process", "--superexec-auth-secret-file", str(executor_secret)]
     args += ["--root-certificates", str(ca_cert)] if ca_cert else ["--insecure"]
     if auth_key is not None:
         args += ["--auth-supernode-private-key", str(auth_key)]
@@ -141,11 +151,13 @@ def follow_run(session: ProcessSession, connection: str, run_id: int, run: RunDi
     with progress_bar(label, total=rounds, enabled=show_progress) as advance:
         def on_tick() -> bool:
             nonlocal shown
-            records = [r for r in run.read_metrics() if "round" in r]
+            records = run.rounds()
             if len(records) > shown:
-                losses = list(records[-1]["train_loss"].values())
-                advance(len(records) - shown, round=records[-1]["round"],
-                        loss=sum(losses) / len(losses) if losses else float("nan"))
+                for record in records[shown:]:
+                    if show_progress and (not record.aggregated or len(record.participants) < len(record.sites)):
+                        Console(stderr=True).print(record.summary_line(), highlight=False, markup=False)
+                last = records[-1]
+                advance(len(records) - shown, round=last.round, trained=len(last.participants))
                 shown = len(records)
             return run.summary_path.exists()
 

@@ -15,6 +15,14 @@ protocol (pairwise masks, Shamir-shared keys, dropout recovery) on its legacy wo
   reports how many values it had to clip. ``max_weight`` is the largest site's example count, asked for
   before the first round. :func:`aggregate_error_bound` is the documented error of the aggregate.
 
+* **Overflow.** The server sums each site's quantized values (each in ``[0, quantization_range]``) modulo
+  ``2**32``: with ``sampled sites x quantization_range >= 2**32`` the sum can wrap around into a plausible but
+  wrong aggregate, so :func:`settings_for` refuses such a round.
+* **Both shares of one node.** At the unmask stage a site returns, for every node the server lists as active,
+  its share of that node's private mask seed, and for every node listed as dead its share of that node's private
+  key. A node in both lists would have both its masks removed, and its update exposed; the site mod refuses such
+  a request (:func:`check_unmask_request`) before Flower's mod answers it.
+
 Threat model (SecAgg+'s): an honest-but-curious server; there is no check that the server reports dropouts
 truthfully.
 """
@@ -33,14 +41,14 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, 
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import bytes_to_ndarray, ndarray_to_bytes
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
 from medfed.config import RunConfig
-from medfed.errors import MedfedError
+from medfed.errors import ConfigError, MedfedError
 
 MODULUS_RANGE = 2**32
 FLOWER_MODULES = ("flwr.client.mod.secure_aggregation.secaggplus_mod",
@@ -49,6 +57,10 @@ FLOWER_MODULES = ("flwr.client.mod.secure_aggregation.secaggplus_mod",
 
 class WeakMaskGeneratorError(MedfedError):
     """Flower's weak SecAgg+ mask generator would be used; medfed refuses to aggregate with it."""
+
+
+class UnmaskRefusedError(MedfedError):
+    """The server asked a site for both secret shares of one node, which would expose that node's update."""
 
 
 def csprng_masks(seed: bytes, num_range: int, dimensions_list: list[tuple[int, ...]]) -> list[np.ndarray]:
@@ -119,12 +131,30 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     if not is_secagg_message(msg):
         return call_next(msg, context)
     require_csprng()
+    if stage_of(msg) == Stage.UNMASK:
+        check_unmask_request(msg.content.config_records[RECORD_KEY_CONFIGS])
     reply = secaggplus_mod(msg, context, call_next)
     if reply.has_content() and RECORD_KEY_CONFIGS in reply.content.config_records:
         configs = reply.content.config_records[RECORD_KEY_CONFIGS]
         if Key.MASKED_PARAMETERS in configs:
             configs[Key.MASKED_PARAMETERS] = narrow(cast(list[bytes], configs[Key.MASKED_PARAMETERS]))
     return reply
+
+
+def check_unmask_request(configs: ConfigRecord) -> None:
+    """Refuse an unmask-stage request that lists a node both as active (asking for its mask-seed share) and as
+    dead (asking for its private-key share): with both, the server removes the node's pairwise *and* private
+    masks and sees its update alone. Flower's ``secaggplus_mod`` (``_unmask``) would return both.
+
+    Raises:
+        UnmaskRefusedError: naming the nodes listed as both.
+    """
+    active = cast(list[int], configs.get(Key.ACTIVE_NODE_ID_LIST, []))
+    dead = cast(list[int], configs.get(Key.DEAD_NODE_ID_LIST, []))
+    both = sorted(set(active) & set(dead))
+    if both:
+        raise UnmaskRefusedError(f"SecAgg+ unmask: the server listed node(s) {both} as both active and dead; "
+                                 "returning both secret shares would expose their updates, so this site refuses")
 
 
 def narrow(arrays: list[bytes]) -> list[bytes]:
@@ -175,8 +205,18 @@ def neighbourhood_size(sampled: int) -> int:
 
 
 def settings_for(cfg: RunConfig, sampled: int, max_weight: float) -> SecAggSettings:
-    """Resolve ``secagg.*`` for a round with ``sampled`` sites."""
+    """Resolve ``secagg.*`` for a round with ``sampled`` sites.
+
+    Raises:
+        ConfigError: ``sampled x secagg.quantization-range`` reaches 2**32 (the sum would wrap), or the
+            reconstruction threshold does not fit the neighbourhood.
+    """
     s = cfg.secagg
+    if sampled * s.quantization_range >= MODULUS_RANGE:
+        raise ConfigError(f"secagg.quantization-range ({s.quantization_range}) x {sampled} sampled sites reaches "
+                          "2**32, the SecAgg+ modulus: the masked sum could wrap around; lower "
+                          f"secagg.quantization-range to at most {(MODULUS_RANGE - 1) // sampled} or sample fewer "
+                          "sites", key="secagg.quantization-range")
     k = min(s.num_shares or neighbourhood_size(sampled), sampled)
     t = s.reconstruction_threshold or k // 2 + 1
     if not 2 <= t <= k:
@@ -243,7 +283,13 @@ class SetupDropoutSafeWorkflow(SecAggPlusWorkflow):
         state.sampled_node_ids = set(state.active_node_ids)
         state.nid_to_neighbours = {nid: neighbours - gone for nid, neighbours in state.nid_to_neighbours.items()
                                    if nid not in gone}
-        return self._check_threshold(state)
+        return bool(state.active_node_ids) and self._check_threshold(state)  # all refused: the round stops here
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        return super().share_keys_stage(grid, context, state) and bool(state.active_node_ids)
+
+    def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        return super().collect_masked_vectors_stage(grid, context, state) and bool(state.active_node_ids)
 
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         self.completed = super().unmask_stage(grid, context, state)

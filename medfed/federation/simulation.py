@@ -15,6 +15,7 @@ from medfed.config import RunConfig
 from medfed.datasets import load_dataset
 from medfed.errors import ConfigError
 from medfed.federation.deployment import follow_run, start_superlink, submit_run, write_connection
+from medfed.federation.policy import check_simulation
 from medfed.federation.flower_app import CLIENT_APP, SERVER_APP, write_flower_app
 from medfed.federation.processes import ProcessSession, exit_on_sigterm, free_port
 from medfed.federation.site import site_data_entry
@@ -68,6 +69,7 @@ def run_simulation(
         MedfedError: the run did not reach ``finished:completed``; the message carries Flower's status and the
             end of the server log.
     """
+    check_simulation(cfg)
     cfg = resolve_for_federation(cfg)
     run = RunDir(Path(cfg.output.dir) / cfg.output.name)
     if cfg.output.resume and not run.latest_checkpoint.exists():

@@ -8,6 +8,7 @@ the current global model. With secure aggregation every result carries the same,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import WARNING
 
@@ -19,21 +20,45 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
+from medfed.contracts import FitConfig, Reason, Refusal, SiteReply
+from medfed.errors import ConfigError
+
 Scalar = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """An update the server averaged: the site's reply (public metrics) and its weight (declared dataset size)."""
+
+    reply: SiteReply
+    num_examples: int
 
 
 @dataclass
 class RoundOutcome:
-    """What happened to the updates of one round, for the round's metrics line."""
+    """What happened to the sampled sites of one round, for the round's :class:`~medfed.contracts.RoundRecord`."""
 
     sampled: list[int] = field(default_factory=list)
-    accepted: dict[int, dict[str, Scalar]] = field(default_factory=dict)
-    """node id -> the site's reported metrics plus ``num-examples``."""
-    rejected: dict[int, str] = field(default_factory=dict)
+    accepted: dict[int, Accepted] = field(default_factory=dict)
+    """node id -> the site's reply and FedAvg weight."""
+    rejected: dict[int, Reason] = field(default_factory=dict)
     """node id -> why the server refused the update."""
-    failures: list[str] = field(default_factory=list)
-    """Reasons of error replies (refusals, crashes) as the workflow saw them."""
+    refusals: list[Refusal] = field(default_factory=list)
+    """Sites that declined (their reason codes)."""
+    unexplained: list[Reason] = field(default_factory=list)
+    """Failures without a readable refusal: no reply, or a reply medfed cannot read (text stays in the log)."""
     aggregated: bool = False
+
+    def add_failure(self, text: str) -> None:
+        """Classify one failure's text: a site's encoded refusal, a timeout, or unknown (the text itself is logged
+        by the server, never recorded)."""
+        refusal = Refusal.find(text)
+        if refusal is not None:
+            if refusal not in self.refusals:  # Flower may report one error reply in more than one stage
+                self.refusals.append(refusal)
+        else:
+            log(WARNING, "site failure without a medfed reason code: %s", short_reason(text))
+            self.unexplained.append(Reason.NO_REPLY if "no reply within" in text else Reason.UNKNOWN)
 
 
 def short_reason(text: str, limit: int = 300) -> str:
@@ -45,10 +70,10 @@ def short_reason(text: str, limit: int = 300) -> str:
     return reason[:limit]
 
 
-def failure_reason(failure: BaseException) -> str:
-    """``short_reason`` of a workflow failure; Flower's SecAgg+ workflow wraps error replies as ``Exception(Error)``."""
+def failure_text(failure: BaseException) -> str:
+    """The text of a workflow failure; Flower's SecAgg+ workflow wraps error replies as ``Exception(Error)``."""
     error = failure.args[0] if failure.args else None
-    return short_reason(error.reason if isinstance(error, Error) else str(failure))
+    return error.reason if isinstance(error, Error) else str(failure)
 
 
 def validate_delta(delta: list[np.ndarray], reference: list[np.ndarray]) -> str | None:
@@ -84,6 +109,7 @@ class DeltaFedAvg(FedAvg):
         self.num_sites, self.min_sites = num_sites, min_sites
         self.round_offset, self.wait_timeout = round_offset, wait_timeout
         self.outcome = RoundOutcome()
+        self.anchors: Callable[[], dict[str, tuple[int, str]]] = dict
 
     def __repr__(self) -> str:
         return f"DeltaFedAvg(num_sites={self.num_sites}, min_sites={self.min_sites})"
@@ -100,7 +126,7 @@ class DeltaFedAvg(FedAvg):
         clients = client_manager.sample(num_clients=self.sample_size(client_manager.num_available()),
                                         min_num_clients=self.min_sites)
         self.outcome.sampled = [c.node_id for c in clients]
-        config: dict[str, Scalar] = {"round": self.round_offset + server_round}
+        config = FitConfig(round=self.round_offset + server_round, anchors=self.anchors()).to_config()
         return [(client, FitIns(parameters, dict(config))) for client in clients]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
@@ -112,18 +138,21 @@ class DeltaFedAvg(FedAvg):
             if id(res.parameters) not in reasons:
                 reasons[id(res.parameters)] = validate_delta(parameters_to_ndarrays(res.parameters), self.current)
             reason = reasons[id(res.parameters)]
-            if reason is None:
+            try:
+                reply = SiteReply.from_metrics(res.metrics)
+            except ConfigError as err:
+                reason, reply = reason or str(err), None
+            if reason is None and reply is not None:
                 accepted.append((proxy, res))
-                self.outcome.accepted[proxy.node_id] = {**res.metrics, "num-examples": res.num_examples}
+                self.outcome.accepted[proxy.node_id] = Accepted(reply, res.num_examples)
             else:
-                log(WARNING, "rejected update from node %s (%s): %s", proxy.node_id,
-                    res.metrics.get("site", "?"), reason)
-                self.outcome.rejected[proxy.node_id] = reason
+                log(WARNING, "rejected update from node %s: %s", proxy.node_id, reason)
+                self.outcome.rejected[proxy.node_id] = Reason.INVALID_UPDATE
         for failure in failures:
             if isinstance(failure, BaseException):
-                self.outcome.failures.append(failure_reason(failure))
+                self.outcome.add_failure(failure_text(failure))
             else:
-                self.outcome.failures.append(f"node {failure[0].node_id}: {short_reason(failure[1].status.message)}")
+                self.outcome.add_failure(f"node {failure[0].node_id}: {failure[1].status.message}")
         if not accepted:
             return None, {}
         if len({id(res.parameters) for _, res in accepted}) == 1:  # one (securely aggregated) delta: its own mean

@@ -43,14 +43,19 @@ PRESETS: dict[str, UNetPreset] = {
 }
 
 
-def build_unet(preset: str, channels: int) -> DiffusionModelUNet:
+def build_unet(preset: str, channels: int, num_classes: int = 0) -> DiffusionModelUNet:
     """Build the epsilon-predicting UNet of a preset for images with ``channels`` channels.
 
     The network maps ``x_t`` of shape (B, C, H, W) and integer timesteps of shape (B,) to predicted noise of
-    shape (B, C, H, W).
+    shape (B, C, H, W). With ``num_classes`` > 0 (``model.num-classes``) it is class-conditional: it also takes
+    ``class_labels`` of shape (B,) in [0, num_classes], through ``num_classes + 1`` class embeddings (MONAI's
+    ``num_class_embeds``) added to the timestep embedding; index ``num_classes`` is the null class of
+    classifier-free guidance.
     """
     if preset not in PRESETS:
         raise ConfigError(f"config key 'model.preset': unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
+    if num_classes < 0:
+        raise ConfigError(f"config key 'model.num-classes' must be >= 0, got {num_classes}")
     p = PRESETS[preset]
     return DiffusionModelUNet(
         spatial_dims=2,
@@ -61,6 +66,7 @@ def build_unet(preset: str, channels: int) -> DiffusionModelUNet:
         num_res_blocks=p.num_res_blocks,
         num_head_channels=p.num_head_channels,
         norm_num_groups=p.norm_num_groups,
+        num_class_embeds=num_classes + 1 if num_classes > 0 else None,
     )
 
 

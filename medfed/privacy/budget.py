@@ -2,7 +2,9 @@
 
 A round's spend is committed to the ledger *before* the site trains (check and append under the ledger's lock),
 so two runs at one site cannot both pass the gate with the same remaining budget, and a crash mid-round never
-leaves spent budget unrecorded. After training, Opacus' own record of the steps must match the commitment.
+leaves spent budget unrecorded. A round that could not run (its data does not hold the declared number of images,
+or its sampling is not the planned one) is refused before anything is committed. After training, Opacus' own
+record of the steps must match the commitment.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import opacus
 
 from medfed import __version__
 from medfed.errors import MedfedError
-from medfed.privacy.accounting import NoisePlan, Step, epsilon
+from medfed.privacy.accounting import NoisePlan, Step, check_sampling, epsilon
 from medfed.privacy.ledger import Ledger, LedgerEntry
 
 
@@ -69,7 +71,9 @@ def commit_round(ledger: Ledger, cap: PrivacyCap, plan: NoisePlan, *, site_name:
 
     Raises:
         BudgetExceededError: the round would take epsilon(cap.delta) above ``cap.epsilon``.
+        ValueError: the plan's sampling is not the one its declared size gives; nothing is recorded.
     """
+    check_sampling(plan.sampling)  # a round that could not run commits nothing
     step: Step = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
     with ledger.transaction() as tx:
         history = history_of(tx.entries)
@@ -90,7 +94,9 @@ def commit_round(ledger: Ledger, cap: PrivacyCap, plan: NoisePlan, *, site_name:
             "site": site_name, "run_id": run_id, "run_name": run_name, "round": server_round,
             "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
             "steps": plan.steps_per_round, "max_grad_norm": max_grad_norm,
-            "noise_multiplicity": noise_multiplicity, "num_examples": num_examples, "accountant": plan.accountant,
+            "noise_multiplicity": noise_multiplicity, "num_examples": num_examples,
+            "declared_size": plan.declared_size, "expected_batch_size": plan.sampling.expected_batch_size,
+            "accountant": plan.accountant,
             "epsilon": after, "delta": cap.delta, "cap_epsilon": cap.epsilon,
             "planned_target_epsilon": plan.target_epsilon, "planned_rounds": plan.rounds,
             "code_version": code_version()})

@@ -17,8 +17,13 @@ and goes to Opacus' ``DPOptimizer`` the same way, which clips and noises it.
 Noise multiplicity K: the K rows of one image (``x_t`` flattened from (B, K, ...)) are one sample, so each
 per-image gradient sums over its K rows before Opacus takes its norm, and the sensitivity stays the clipping norm.
 
-Supported layers: ``nn.Conv2d`` (groups 1, zero padding), ``nn.Linear`` and ``nn.GroupNorm``: every parametrised
-layer of MONAI's ``DiffusionModelUNet``. :func:`check_supported` names any other.
+Class embedding (``nn.Embedding``, class-conditional models): one image's weight gradient is zero except in the row
+of its label, which gets the sum of its output gradients over its K draws: a scatter-add of ``b_i`` into row
+``y_i`` of a (B, classes + 1, dim) tensor.
+
+Supported layers: ``nn.Conv2d`` (groups 1, zero padding), ``nn.Linear``, ``nn.GroupNorm`` and ``nn.Embedding``
+(no ``max_norm``): every parametrised layer of MONAI's ``DiffusionModelUNet``, conditional or not.
+:func:`check_supported` names any other.
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medfed.diffusion.ddpm import denoising_error, predict_noise
 from medfed.errors import ConfigError
 
-SUPPORTED = (nn.Conv2d, nn.Linear, nn.GroupNorm)
+SUPPORTED = (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.Embedding)
 UNFOLD_MAX_POSITIONS = 64
 """Conv2d outputs with at most this many positions per image (8x8) use im2col + bmm, larger ones a grouped
 convolution: on CPU im2col is the faster of the two only for small maps (benchmarks/bench_privacy.py)."""
@@ -52,6 +58,9 @@ def check_supported(model: nn.Module) -> None:
             raise ConfigError(f"config key 'privacy.per-sample-grads': 'layers' needs Conv2d layers with groups=1 "
                               f"and numeric zero padding; '{name}' has groups={module.groups}, "
                               f"padding={module.padding!r}; use 'vmap'")
+        if isinstance(module, nn.Embedding) and module.max_norm is not None:
+            raise ConfigError(f"config key 'privacy.per-sample-grads': 'layers' cannot handle embedding '{name}' "
+                              "with max_norm (it renormalises rows in place); use 'vmap'")
 
 
 def _rows_by_image(x: torch.Tensor, images: int) -> torch.Tensor:
@@ -88,6 +97,15 @@ def _layer_grads(m: nn.Module, a: torch.Tensor, b: torch.Tensor, images: int) ->
         b3 = b.reshape(images, -1, b.shape[-1])
         grads = {"weight": b3.transpose(1, 2) @ a3}
         bias = b3.sum(1)
+    elif isinstance(m, nn.Embedding):
+        # a: (B*K,) indices, b: (B*K, dim). Row (image i, draw k) adds its output gradient to image i's row a.
+        draws = a.shape[0] // images
+        image = torch.arange(images, device=a.device).repeat_interleave(draws)
+        grads = torch.zeros(images * m.num_embeddings, m.embedding_dim, device=b.device, dtype=b.dtype)
+        grads.index_add_(0, image * m.num_embeddings + a.flatten(), b.reshape(-1, m.embedding_dim))
+        if m.padding_idx is not None:  # the padding row never receives a gradient
+            grads.view(images, m.num_embeddings, -1)[:, m.padding_idx] = 0
+        return {"weight": grads.view(images, *m.weight.shape)}
     elif isinstance(m, nn.GroupNorm):
         normalised = F.group_norm(a, m.num_groups, eps=m.eps)
         grads = {"weight": _rows_by_image(normalised * b, images).sum(2)}
@@ -99,13 +117,14 @@ def _layer_grads(m: nn.Module, a: torch.Tensor, b: torch.Tensor, images: int) ->
     return grads
 
 
-def per_layer_grads(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
-                    eps: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def per_layer_grads(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                    labels: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per-sample gradients of each image's loss (mean over its K draws and pixels), layer by layer.
 
     Args:
         model: the plain UNet; every parametrised layer must pass :func:`check_supported` and run once per forward.
         x_t, t, eps: (B, K, C, H, W), (B, K), (B, K, C, H, W) from ``draw_noisy_inputs``.
+        labels: (B, K) class labels of a conditional model (each image's label, per draw), else None.
 
     Returns:
         ``{parameter name: (B, *parameter shape)}`` gradients and the (B,) losses, as ``per_sample_grads``.
@@ -121,7 +140,7 @@ def per_layer_grads(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
 
     handles = [m.register_forward_hook(saver(name)) for name, m in model.named_modules() if _trainable(m)]
     try:
-        pred = model(x_t.flatten(0, 1), t.flatten())
+        pred = predict_noise(model, x_t.flatten(0, 1), t.flatten(), None if labels is None else labels.flatten())
     finally:
         for h in handles:
             h.remove()
@@ -131,7 +150,7 @@ def per_layer_grads(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
         if (a._version, out._version) != version:  # a later in-place op changed what the per-sample rule reads
             raise ValueError(f"per-sample-grads 'layers': the input or output of layer '{name}' is modified in place "
                              "later in the forward pass; use 'vmap'")
-    losses = (pred - eps.flatten(0, 1)).pow(2).flatten(1).mean(1).view(images, -1).mean(1)
+    losses = denoising_error(pred, eps.flatten(0, 1)).view(images, -1).mean(1)
     output_grads = torch.autograd.grad(losses.sum(), [out for _, _, _, out, _ in records])
     grads: dict[str, torch.Tensor] = {}
     for (name, m, a, _, _), b in zip(records, output_grads, strict=True):

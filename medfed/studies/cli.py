@@ -85,8 +85,8 @@ def finish(folder: Path) -> None:
 @app.command()
 def clients(
     data_path: DataPath,
-    sites: Annotated[Optional[str], typer.Option(help="Numbers of sites, comma-separated (default 2,5,10; --full "
-                                                 "2,5,10,20,50).")] = None,
+    sites: Annotated[Optional[str], typer.Option(help="Numbers of sites, comma-separated (default 3,5,10; --full "
+                                                 "3,5,10,20,50).")] = None,
     partitions: Annotated[Optional[str], typer.Option(help="iid and/or dirichlet, comma-separated.")] = None,
     beta: Annotated[Optional[float], typer.Option(help="Dirichlet concentration.")] = None,
     privacy: Annotated[Optional[str], typer.Option(help="dp and/or none (NOT PRIVATE), comma-separated.")] = None,
@@ -99,7 +99,7 @@ def clients(
     out: Out = None, sets: Sets = None,
 ) -> None:
     """Quality (FID on a named network) and epsilon against the number of sites: the same data and compute split
-    across 2 to 50 sites, IID and Dirichlet, with and without DP. Default: 2/5/10 sites, about 30 min on 2 cores."""
+    across 3 to 50 sites, IID and Dirichlet, with and without DP. Default: 3/5/10 sites, about 30 min on 2 cores."""
     from medfed.errors import ConfigError
     from medfed.studies import clients as study
     from medfed.studies.common import with_given

@@ -64,23 +64,23 @@ class ClientsOptions:
     """
 
     setup: StudySetup
-    site_counts: tuple[int, ...] = (2, 5, 10)
+    site_counts: tuple[int, ...] = (3, 5, 10)
     partitions: tuple[str, ...] = PARTITIONS
     beta: float = 0.5
     private: tuple[bool, ...] = (True, False)
 
 
 def small_options(data_path: str) -> ClientsOptions:
-    """The default: 600 training images, micro UNet, 2 rounds, 2/5/10 sites (about 30 minutes on 2 CPU cores)."""
+    """The default: 600 training images, micro UNet, 2 rounds, 3/5/10 sites (about 30 minutes on 2 CPU cores)."""
     return ClientsOptions(StudySetup(data_path=data_path))
 
 
 def full_options(data_path: str) -> ClientsOptions:
-    """``--full``, for a GPU machine: the whole train split, tiny UNet, 20 rounds, 2/5/10/20/50 sites, 1,000
+    """``--full``, for a GPU machine: the whole train split, tiny UNet, 20 rounds, 3/5/10/20/50 sites, 1,000
     samples with 50 DDIM steps, four sites training at once."""
     return ClientsOptions(StudySetup(data_path=data_path, limit=0, preset="tiny", rounds=20, lr=2e-4,
                                      num_samples=1000, sample_steps=50, parallel_sites=4, cpus_per_site=4),
-                          site_counts=(2, 5, 10, 20, 50))
+                          site_counts=(3, 5, 10, 20, 50))
 
 
 @dataclass(frozen=True)
@@ -99,9 +99,9 @@ class Setting:
 
 
 def check_options(options: ClientsOptions) -> None:
-    if not options.site_counts or min(options.site_counts) < 2:
-        raise ConfigError(f"--sites {','.join(map(str, options.site_counts))}: every count must be >= 2 "
-                          "(SecAgg+ needs at least 2 sites per round)")
+    if not options.site_counts or min(options.site_counts) < 3:
+        raise ConfigError(f"--sites {','.join(map(str, options.site_counts))}: every count must be >= 3 "
+                          "(secure aggregation over 2 sites would show each site the other's update)")
     unknown = [p for p in options.partitions if p not in PARTITIONS]
     if not options.partitions or unknown:
         raise ConfigError(f"--partitions: {','.join(unknown) or 'empty'} (choose from {', '.join(PARTITIONS)})")
@@ -137,7 +137,8 @@ def run_clients_study(options: ClientsOptions, out: str | Path | None = None, co
     for s in settings_of(options):  # every config and split is checked before the first run starts
         cfg = run_config(setup, folder, s.name, train.image_shape, {
             "federation.num-sites": s.sites, "federation.partition": s.partition,
-            "federation.dirichlet-beta": options.beta, "privacy.enabled": s.private})
+            "federation.dirichlet-beta": options.beta, "privacy.enabled": s.private,
+            "policy.require-dp": s.private})
         shards = partition(train.labels.numpy(), s.sites, s.partition, options.beta, seed=setup.seed)
         plans.append((s, cfg, shards))
     payload = study_header(NAME, options, command)
@@ -168,7 +169,7 @@ def setting_record(s: Setting, options: ClientsOptions, cfg: RunConfig, run: Run
     """One row of ``study.json``: the setting, its compute, scores, privacy spent, timings and full config."""
     sizes = [len(x) for x in shards]
     records = round_records(run)
-    last_losses = list(records[-1]["train_loss"].values()) if records else []
+    last_losses = list(records[-1].train_loss.values()) if records else []  # NOT PRIVATE runs only
     fed = cfg.federation
     record: dict[str, Any] = {
         "setting": s.name, "sites": s.sites, "partition": s.partition,
@@ -179,7 +180,7 @@ def setting_record(s: Setting, options: ClientsOptions, cfg: RunConfig, run: Run
         "compute": {"rounds": fed.rounds, "local_epochs": fed.local_epochs, "batch_size": cfg.train.batch_size,
                     "image_passes": fed.rounds * fed.local_epochs * sum(sizes),
                     "local_steps": local_steps(shards, cfg.train.batch_size, fed.rounds, fed.local_epochs)},
-        "rounds_completed": sum(1 for r in records if r["aggregated"]),
+        "rounds_completed": sum(1 for r in records if r.aggregated),
         "final_train_loss": float(np.mean(last_losses)) if last_losses else None,
         "feature_network": network, "scores": scores, "epsilon": None,
         "run": str(run.root), "sample_grid": sample_grid(run), "wall_s": wall_s, "cpu_s": cpu_s,

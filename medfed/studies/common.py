@@ -34,6 +34,7 @@ from medfed.devices import describe_machine, resolve_device
 from medfed.errors import ConfigError, MedfedError
 from medfed.evaluation.features import FeatureNetwork, FeatureSet, extract_features, load_feature_network
 from medfed.evaluation.metrics import compute_scores
+from medfed.contracts import RoundRecord
 from medfed.runs import RunDir
 
 STUDY_FILE = "study.json"
@@ -311,27 +312,18 @@ def federated_run(cfg: RunConfig, setup: StudySetup, show_progress: bool = True)
     used (resolved: absolute paths, image shape)."""
     from medfed.federation.simulation import run_simulation
 
-    if cfg.secagg.enabled and cfg.federation.num_sites < 2:
-        raise ConfigError(f"{cfg.federation.num_sites} site: SecAgg+ needs at least 2 sites per round "
-                          "(or --set secagg.enabled=false)")
     run = run_simulation(cfg, parallel_sites=setup.parallel_sites, cpus_per_site=setup.cpus_per_site,
                          show_progress=show_progress)
-    records = round_records(run)
-    aggregated = sum(1 for r in records if r["aggregated"])
-    if aggregated < cfg.federation.rounds:
-        why = "; ".join(str(r.get("skipped") or r.get("failures") or r.get("rejected") or "no record")
-                        for r in records if not r["aggregated"]) or "rounds missing from metrics.jsonl"
-        if cfg.privacy.enabled:  # a site's refusal is in its own ledger, not always in the server's record
-            refusals = [reason for v in simulated_ledgers(cfg).values() for reason in v["refusals"]]
-            why += "".join(f"; {reason}" for reason in refusals[:3])
-        raise MedfedError(f"{run.root}: the federated run aggregated {aggregated} of {cfg.federation.rounds} rounds "
-                          f"({why}; server log: {run.root / 'flower' / 'serverapp.log'}). The study compares "
-                          "settings at equal compute, so it stops here; finished settings stay in study.json.")
+    try:
+        run.require_rounds(cfg.federation.rounds)
+    except MedfedError as err:
+        raise MedfedError(f"{err}. The study compares settings at equal compute, so it stops here; finished "
+                          "settings stay in study.json.") from None
     return run, from_dict(json.loads(run.config_path.read_text()))
 
 
-def round_records(run: RunDir) -> list[dict[str, Any]]:
-    return [r for r in run.read_metrics() if "round" in r]
+def round_records(run: RunDir) -> list[RoundRecord]:
+    return run.rounds()
 
 
 def sample_grid(run: RunDir) -> str:
@@ -360,11 +352,12 @@ def ledger_record(state_dir: Path, delta: float, accountant: str) -> dict[str, A
 
 def simulated_ledgers(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     """Each simulated site's ledger record (``site-<i>``), from the state folders the run's sites used."""
-    from medfed.federation.site import simulated_state_dir
+    from medfed.federation.policy import simulated_node
+    from medfed.federation.site import load_site
 
     n = cfg.federation.num_sites
-    return {f"site-{i}": ledger_record(simulated_state_dir(cfg, i, n), cfg.privacy.delta, cfg.privacy.accountant)
-            for i in range(n)}
+    return {f"site-{i}": ledger_record(load_site(cfg, simulated_node(cfg, i, n)).state_dir, cfg.privacy.delta,
+                                       cfg.privacy.accountant) for i in range(n)}
 
 
 def reported_epsilons(run: RunDir) -> dict[str, float]:

@@ -39,6 +39,7 @@ from medfed.evaluation.features import FeatureSet
 from medfed.federation.partition import partition
 from medfed.federation.server import privacy_label
 from medfed.evaluation.federated import site_test_data
+from medfed.federation.policy import simulated_node
 from medfed.federation.site import Site, load_site, train_site_privately
 from medfed.generate import load_model
 from medfed.privacy.budget import BudgetExceededError
@@ -107,8 +108,9 @@ def full_options(data_path: str) -> PersonalizationOptions:
 
 
 def check_options(options: PersonalizationOptions) -> None:
-    if options.sites < 2:
-        raise ConfigError(f"--sites {options.sites}: must be >= 2 (SecAgg+ needs at least 2 sites per round)")
+    if options.sites < 3:
+        raise ConfigError(f"--sites {options.sites}: must be >= 3 (secure aggregation over 2 sites would show each "
+                          "site the other's update)")
     if options.partition not in PARTITIONS:
         raise ConfigError(f"--partition {options.partition}: choose from {', '.join(PARTITIONS)}")
     if options.beta <= 0:
@@ -214,7 +216,7 @@ def run_personalization_study(options: PersonalizationOptions, out: str | Path |
         grids = folder / "grids"
         save_grid(global_images[:16], grids / "global.png")
         for i in range(options.sites):
-            node = {"partition-id": i, "num-partitions": options.sites}
+            node = simulated_node(used, i, options.sites)
             site = load_site(used, node)
             site_test, reference = site_test_data(used, node, site.data)
             if reference != "test split":
@@ -241,7 +243,7 @@ def run_personalization_study(options: PersonalizationOptions, out: str | Path |
             epochs = used.federation.rounds * used.federation.local_epochs
             announce(f"{site.name}: local-only model ({epochs} DP epochs on its own images, counterfactual ledger)")
             torch.manual_seed(used.train.seed)  # the federated run's initial weights
-            alone = build_unet(used.model.preset, shape[0]).to(device)
+            alone = build_unet(used.model.preset, shape[0], used.model.num_classes).to(device)
             alone_cfg = stage_config(used, "local-only", epochs, used.privacy.target_epsilon)
             alone_site = dataclasses.replace(site, state_dir=folder / "local-only-state" / site.name)
             training = train_at_site(alone, alone_cfg, alone_site, 1, device)
@@ -267,7 +269,8 @@ def train_at_site(model: torch.nn.Module, cfg: RunConfig, site: Site, server_rou
     turned off" warning: medfed's noise comes from OS-entropy generators (see :mod:`medfed.privacy.dp_sgd`)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        return train_site_privately(model, cfg, site, server_round, 0, device)
+        reply = train_site_privately(model, cfg, site, server_round, 0, device)
+    return {k: v for k, v in dataclasses.asdict(reply).items() if v is not None}
 
 
 def trained_model(name: str, model: torch.nn.Module, cfg: RunConfig, site: Site, training: dict[str, Any],

@@ -10,7 +10,7 @@ from medfed.federation import client_app as real
 
 FAULTS = {(1, 1): "raise", (2, 2): "nan", (2, 3): "shape"}
 
-app = ClientApp()
+app = ClientApp(mods=[real.site_guard_mod])
 app.query()(real.query)
 
 

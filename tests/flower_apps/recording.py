@@ -28,7 +28,7 @@ def record_delta(msg: Message, reply: Message, context: Context) -> None:
              num_examples=res.num_examples, **{f"a{i}": a for i, a in enumerate(arrays)})
 
 
-app = ClientApp()
+app = ClientApp(mods=[real.site_guard_mod])
 app.query()(real.query)
 
 

