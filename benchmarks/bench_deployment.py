@@ -27,9 +27,9 @@ import numpy as np
 from common import write_results
 from medfed.config import from_flat
 from medfed.datasets.cache import decode_count
-from medfed.deploy.server import ServerDir, site_table, submit_deployed_run
-from medfed.federation.processes import ProcessSession, bin_dir, free_port
-from medfed.federation.simulation import run_simulation
+from medfed.deploy.coordinator import ServerDir, site_table, submit_deployed_run
+from medfed.launch.processes import ProcessSession, bin_dir, free_port
+from medfed.launch.simulation import run_simulation
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 

@@ -24,8 +24,8 @@ from typing import Any
 from common import write_results
 
 from medfed.config import from_flat
-from medfed.federation.processes import pids_with_env, memory_bytes
-from medfed.federation.simulation import run_simulation
+from medfed.launch.processes import pids_with_env, memory_bytes
+from medfed.launch.simulation import run_simulation
 
 SHARED = Path(os.environ.get("MEDFED_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

@@ -204,7 +204,7 @@ def centralized(flat: dict[str, object], steps: int, show_progress: bool) -> Pat
 def federated(flat: dict[str, object], budget: Budget, show_progress: bool) -> tuple[Path, Any]:
     """Run (or resume) a federated simulation; returns its checkpoint and the config its server used."""
     from medfed.config import from_dict, from_flat
-    from medfed.federation.simulation import run_simulation
+    from medfed.launch.simulation import run_simulation
     from medfed.runs import RunDir
 
     run_dir = RunDir(Path(str(flat["output.dir"])) / str(flat["output.name"]))

@@ -205,7 +205,7 @@ def run(
     check_inputs(cfg)
     for key in relaxed:
         console.print(f"simulated sites' policy relaxed: {key.replace('=', ' = ')}", highlight=False)
-    from medfed.federation.simulation import run_simulation
+    from medfed.launch.simulation import run_simulation
 
     result = run_simulation(cfg, parallel_sites=parallel_sites, cpus_per_site=cpus_per_site)
     console.print(f"run folder: {result.root}")

@@ -22,7 +22,7 @@ from rich.console import Console
 
 from medfed.centralized import train_centralized
 from medfed.config import RunConfig, from_flat
-from medfed.federation.simulation import run_simulation
+from medfed.launch.simulation import run_simulation
 from medfed.privacy.ledger import LEDGER_FILE
 from medfed.privacy.report import from_ledger, from_run, write_report
 from medfed.runs import RunDir

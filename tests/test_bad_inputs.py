@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 MEDFED = Path(sys.executable).with_name("medfed")
+pytestmark = pytest.mark.slow  # 51 cases, each a fresh medfed process: the largest share of the quick tier's time
 
 
 @pytest.fixture(scope="module")

@@ -576,7 +576,7 @@ def test_dicoms_load_in_pydicom_and_monai_and_hold_no_source_header_value(gate):
 
 
 def test_rgb_images_become_rgb_secondary_captures(tmp_path):
-    from medfed.clinician_review.dicom import series_header, write_secondary_capture
+    from medfed.clinician_review.secondary_capture import series_header, write_secondary_capture
 
     pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     path = write_secondary_capture(pixels, tmp_path / "rgb.dcm", series_header("rgb-study", blinded_mix=False), 1)
@@ -617,7 +617,7 @@ def dciodvfy_errors(path: Path) -> list[str]:
 @pytest.mark.skipif(shutil.which("dciodvfy") is None,
                     reason="dciodvfy not installed (apt-get install dicom3tools; .ci/run installs it)")
 def test_exported_dicoms_pass_dciodvfy(study, tmp_path):
-    from medfed.clinician_review.dicom import series_header, write_secondary_capture
+    from medfed.clinician_review.secondary_capture import series_header, write_secondary_capture
 
     rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     files = [*sorted((study["raters"] / "dicom").glob("*.dcm")),  # blinded mix of synthetic and real, grayscale

@@ -145,3 +145,45 @@ def test_fit_config_carries_the_round_and_the_coordinators_anchors():
     assert FitConfig.from_config({"round": 2}) == FitConfig(round=2)
     with pytest.raises(ConfigError, match="malformed"):
         FitConfig.from_config({"round": 2, "ledger-anchors": "[not json"})
+
+
+def test_a_site_refuses_to_train_when_its_ledger_no_longer_extends_the_anchor(tmp_path):
+    """The check the site runs with the coordinator's anchor before every round (fit_site): deleted, truncated
+    and rewritten-with-recomputed-hashes ledgers are refused with the ``ledger`` reason; an extended one is not."""
+    import json
+
+    from medfed.datasets.core import from_uint8
+    from medfed.federation.policy import Refused
+    from medfed.federation.site import Site, check_anchor
+    from medfed.privacy.anchors import ledger_head
+    from medfed.privacy.ledger import entry_hash, site_ledger
+
+    ledger = site_ledger(tmp_path)
+    for i in range(3):
+        ledger.append("refusal", {"round": i, "reason": "test"})
+    head = ledger_head(ledger)
+    site = Site(name="hospital-a", data=from_uint8(np.zeros((2, 4, 4), np.uint8), None, "x", channels_last=False),
+                state_dir=tmp_path)
+    check_anchor(site, (head.count, head.hash))
+    ledger.append("refusal", {"round": 3, "reason": "test"})
+    check_anchor(site, (head.count, head.hash))  # the ledger grew: it still extends the anchor
+    original = ledger.path.read_bytes()
+
+    def refused(why: str) -> None:
+        with pytest.raises(Refused, match=why) as err:
+            check_anchor(site, (head.count, head.hash))
+        assert err.value.reason == Reason.LEDGER
+
+    ledger.path.write_bytes(b"".join(original.splitlines(keepends=True)[:2]))
+    refused("truncated")
+    ledger.path.unlink()
+    refused("deleted")
+    lines = [json.loads(line) for line in original.splitlines()]
+    prev = lines[0]["prev_hash"]
+    for raw in lines:  # rewrite entry 1 and recompute every hash after it (without the site's key)
+        if raw["index"] == 1:
+            raw["data"] = {"round": 1, "reason": "rewritten"}
+        raw["prev_hash"] = prev
+        raw["hash"] = prev = entry_hash(raw["index"], raw["kind"], raw["time"], raw["data"], prev)
+    ledger.path.write_text("".join(json.dumps(raw) + "\n" for raw in lines))
+    refused("rewritten")

@@ -29,12 +29,12 @@ from medfed.cli import app
 from medfed.config import from_flat
 from medfed.deploy.foreground import NOT_ACTIVATED, ServiceExited, explain_supernode_exit
 from medfed.deploy.pki import create_ca
-from medfed.deploy.server import CONNECTION, ServerDir, node_statuses, site_table, submit_deployed_run
-from medfed.deploy.site import run_site
+from medfed.deploy.coordinator import CONNECTION, ServerDir, node_statuses, site_table, submit_deployed_run
+from medfed.deploy.hospital import run_site
 from medfed.datasets.cache import decode_count
 from medfed.deploy.sitecfg import read_site_config
-from medfed.federation.deployment import run_status, start_supernode
-from medfed.federation.processes import MARKER, ProcessSession, bin_dir, free_port, pids_with_env
+from medfed.launch.deployment import run_status, start_supernode
+from medfed.launch.processes import MARKER, ProcessSession, bin_dir, free_port, pids_with_env
 from medfed.privacy.ledger import site_ledger
 from medfed.runs import RunDir
 from medical_files import find_leaks, write_planted_dicoms
@@ -42,9 +42,9 @@ from medical_files import find_leaks, write_planted_dicoms
 pytestmark = pytest.mark.slow
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
-CAPS = {"hospital-a": 17.0, "hospital-b": 100.0, "hospital-c": 100.0}
-"""hospital-a's cap fits run 1 (2 rounds planned to epsilon 8) and the one-round rollback run (epsilon 8), but no
-further round."""
+CAPS = {"hospital-a": 12.5, "hospital-b": 100.0, "hospital-c": 100.0}
+"""hospital-a's cap fits run 1 (2 rounds planned to epsilon 8) and the one-round rollback run (planned to epsilon 8:
+11.18 composed with run 1 by RDP), but no further such round (13.69)."""
 RUN_SETTINGS = ["--set", "federation.sample-every=0", "--set", "train.num-samples=4", "--set",
                 "diffusion.sample-steps=4", "--set", "train.device=cpu", "--set", "federation.round-timeout=300",
                 "--set", "secagg.max-weight=64"]
@@ -333,7 +333,7 @@ def test_restarted_site_keeps_its_budget_and_refuses_at_its_cap(deployment, firs
     _, run = second_run
     restarted = deployment.site_log("hospital-a-restarted")
     spent_first = ledger_rounds(deployment, "hospital-a")[-1].data["epsilon"]
-    assert f"epsilon spent {spent_first:.4f} of cap 17" in restarted  # read back from its ledger at start
+    assert f"epsilon spent {spent_first:.4f} of cap 12.5" in restarted  # read back from its ledger at start
     entries = [e for e in site_ledger(deployment.sites["hospital-a"] / "state").entries() if e.kind != "key-rotation"]
     refusals = [e for e in entries if e.kind == "refusal"]
     assert len(refusals) == 1 and refusals[0].data["run_name"] == "second"

@@ -26,11 +26,11 @@ from flwr.cli.build import build_fab_from_disk, build_fab_from_files
 from medfed import __version__
 from medfed.config import RunConfig, from_flat
 from medfed.deploy.app_guard import APPROVALS_FILE, CLIENTAPP_LOG, approve_app, check_bundle, read_approvals
-from medfed.deploy.server import CONNECTION, ServerDir, read_settings, site_table, submit_deployed_run
+from medfed.deploy.coordinator import CONNECTION, ServerDir, read_settings, site_table, submit_deployed_run
 from medfed.errors import ConfigError
-from medfed.federation.flower_app import CLIENT_APP, SERVER_APP, flower_app_fab, flower_app_pyproject
-from medfed.federation.deployment import wait_finished
-from medfed.federation.processes import ProcessSession, bin_dir, free_port
+from medfed.launch.flower_app import CLIENT_APP, SERVER_APP, flower_app_fab, flower_app_pyproject
+from medfed.launch.deployment import wait_finished
+from medfed.launch.processes import ProcessSession, bin_dir, free_port
 from medfed.privacy.ledger import site_ledger
 from medfed.runs import RunDir
 from test_deploy import cli
@@ -54,7 +54,7 @@ def pyproject_with(cfg: RunConfig, edit) -> str:
 
 def test_medfed_own_bundle_passes_and_is_what_flwr_run_builds(tmp_path):
     cfg = from_flat({"federation.rounds": 3, "privacy.target-epsilon": 4.0, "output.name": "x"})
-    from medfed.federation.flower_app import write_flower_app
+    from medfed.launch.flower_app import write_flower_app
 
     built = build_fab_from_disk(write_flower_app(tmp_path / "app", cfg))
     assert built == flower_app_fab(cfg)

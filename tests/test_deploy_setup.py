@@ -17,8 +17,8 @@ from medfed.cli import app
 from medfed.contracts import NodeConfig, SitePolicy
 from medfed.deploy.pki import (KeyFileError, certificate_names, create_ca, create_site_key, load_certificate,
                                public_key_fingerprint, write_private)
-from medfed.deploy.server import ServerDir, register_site
-from medfed.deploy.site import check_site_data, rotate_site_key
+from medfed.deploy.coordinator import ServerDir, register_site
+from medfed.deploy.hospital import check_site_data, rotate_site_key
 from medfed.deploy.sitecfg import read_site_config
 from medfed.errors import ConfigError, DatasetError
 
@@ -182,7 +182,7 @@ def test_register_refuses_a_key_whose_fingerprint_the_site_did_not_give(tmp_path
 def test_site_and_server_folders_hold_only_private_files(tmp_path, breastmnist):
     """Keys, ledgers, configs and registries are 0600 in 0700 folders; only certificates and public keys are
     readable by others."""
-    from medfed.deploy.server import SiteRecord, write_registry
+    from medfed.deploy.coordinator import SiteRecord, write_registry
     from medfed.privacy.anchors import AnchorStore, LedgerHead
     from medfed.privacy.ledger import KEY_FILE, site_ledger
 

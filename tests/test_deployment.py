@@ -10,10 +10,10 @@ from conftest import small_run_config
 from medfed.checkpoint import load_checkpoint
 from medfed.contracts import NodeConfig, SitePolicy
 from medfed.datasets.cache import decode_count
-from medfed.federation.deployment import (run_status, save_run_log, start_superlink, start_supernode, submit_run,
+from medfed.launch.deployment import (run_status, save_run_log, start_superlink, start_supernode, submit_run,
                                           wait_finished, write_connection)
-from medfed.federation.flower_app import write_flower_app
-from medfed.federation.processes import ProcessSession, free_port
+from medfed.launch.flower_app import write_flower_app
+from medfed.launch.processes import ProcessSession, free_port
 from medfed.runs import RunDir
 
 pytestmark = pytest.mark.slow  # starts a real SuperLink and SuperNodes

@@ -15,7 +15,7 @@ from medfed.config import DataConfig, from_flat, to_flat
 from medfed.contracts import Reason, Refusal
 from medfed.datasets import load_dataset
 from medfed.evaluation.classifier import save_classifier, train_classifier
-from medfed.evaluation.federated import (
+from medfed.federation.evaluation import (
     MAX_TEXT,
     evaluation_due,
     handle_evaluate,
@@ -25,7 +25,7 @@ from medfed.evaluation.federated import (
 )
 from medfed.federation.client_app import site_guard_mod
 from medfed.federation.policy import simulated_node
-from medfed.federation.simulation import run_simulation
+from medfed.launch.simulation import run_simulation
 from medfed.federation.site import load_site, remember_global_model
 from medfed.federation.weights import get_weights
 from medfed.images import to_uint8

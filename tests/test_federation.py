@@ -14,8 +14,8 @@ import pytest
 from conftest import small_run_config
 from flower_apps import app_files
 from medfed.checkpoint import load_checkpoint
-from medfed.federation.processes import pids_with_env
-from medfed.federation.simulation import run_simulation
+from medfed.launch.processes import pids_with_env
+from medfed.launch.simulation import run_simulation
 from medfed.runs import RunDir
 
 pytestmark = pytest.mark.slow  # every test starts a Flower simulation

@@ -222,7 +222,7 @@ def test_forged_review_approval_is_refused(tmp_path):
 
 def test_key_rotation_keeps_the_ledger_verifiable_and_the_anchor(tmp_path, breastmnist):
     from medfed.deploy.pki import create_ca, key_fingerprint, public_key_fingerprint
-    from medfed.deploy.site import init_site
+    from medfed.deploy.hospital import init_site
 
     ca = create_ca(tmp_path / "ca")
     cfg = init_site(tmp_path / "site", name="hospital-a", superlink="coord.example.org:9092", ca_cert=ca.cert,

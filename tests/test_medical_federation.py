@@ -17,7 +17,7 @@ from medical_files import copy_nifti, find_leaks, write_planted_dicoms, write_pn
 from medfed.config import DataConfig
 from medfed.datasets import load_dataset
 from medfed.federation.policy import simulated_node
-from medfed.federation.simulation import run_simulation
+from medfed.launch.simulation import run_simulation
 from medfed.federation.site import load_site, site_data_entry
 
 pytestmark = pytest.mark.slow  # starts a Flower simulation

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import small_run_config
 from medfed.checkpoint import load_checkpoint
-from medfed.federation.simulation import run_simulation
+from medfed.launch.simulation import run_simulation
 from medfed.privacy.accounting import epsilon, plan_noise
 from medfed.privacy.ledger import Ledger
 from medfed.privacy.report import from_ledger, from_run, write_report

@@ -19,7 +19,7 @@ from medfed.datasets import load_dataset
 from medfed.federation.partition import partition
 from medfed.federation.secagg import (FLOWER_MODULES, WeakMaskGeneratorError, aggregate_error_bound, clipped_values,
                                       csprng_masks, require_csprng)
-from medfed.federation.simulation import run_simulation
+from medfed.launch.simulation import run_simulation
 
 
 def test_both_flower_modules_use_the_csprng():

@@ -82,11 +82,11 @@ def test_clients_study_reports_fid_and_epsilon_per_setting(clients_study):
         assert r["scores"]["num-generated"] == 16 and r["scores"]["num-real"] == 156
         assert r["site_images"]["total"] == 64 and r["site_images"]["min"] < r["site_images"]["max"]
         assert r["compute"] == {"rounds": 1, "local_epochs": 1, "batch_size": 64, "image_passes": 64,
-                                "local_steps": 2}
+                                "local_steps": 3}  # three sites of fewer than 64 images: one batch each
         assert Path(r["sample_grid"]).is_file()
     eps = dp["epsilon"]
     assert 0 < eps["min"] <= eps["max"] <= 10 and eps["max"] == pytest.approx(8, abs=0.1)
-    assert eps["ledgers_match_reports"] and eps["ledger_steps"] == 2 and eps["refusals"] == []
+    assert eps["ledgers_match_reports"] and eps["ledger_steps"] == 3 and eps["refusals"] == []  # 1 step x 3 sites
     assert plain["epsilon"] is None
     # the ledgers are the sites' own, hash-chained files
     for state in Path(clients_study, "site-state").iterdir():

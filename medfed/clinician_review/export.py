@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from medfed.clinician_review.approval import RealExportApproval
-from medfed.clinician_review.dicom import series_header, write_secondary_capture
+from medfed.clinician_review.secondary_capture import series_header, write_secondary_capture
 from medfed.clinician_review.page import write_rating_page
 from medfed.clinician_review.study import (
     QUESTIONS,

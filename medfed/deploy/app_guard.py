@@ -15,7 +15,7 @@ coordinator put in the bundle. A medfed site instead starts its SuperNode with `
    error whose reason is fixed text (the site's name, the bundle's hash and the rule; no site data).
 
 A bundle passes when its SHA-256 equals that of the bundle this site's medfed itself would write for the run
-config the bundle carries (:func:`medfed.federation.flower_app.flower_app_fab`): exactly ``pyproject.toml`` with
+config the bundle carries (:func:`medfed.launch.flower_app.flower_app_fab`): exactly ``pyproject.toml`` with
 medfed's components, project table and version, and nothing else. A bundle that differs (other files, another
 medfed version) passes only if the site approved its SHA-256 (``medfed site approve-app``, written to
 ``approved-apps.toml`` in the site folder); it must still name medfed's components, and the site still runs its
@@ -44,10 +44,10 @@ import tomli_w
 from medfed import __version__
 from medfed.deploy.pki import write_private
 from medfed.errors import ConfigError, MedfedError
-from medfed.federation.flower_app import CLIENT_APP, SERVER_APP, flower_app_fab, run_config_from_app_table
+from medfed.launch.flower_app import CLIENT_APP, SERVER_APP, flower_app_fab, run_config_from_app_table
 
 if TYPE_CHECKING:
-    from medfed.federation.processes import ProcessSession
+    from medfed.launch.processes import ProcessSession
 
 APPROVALS_FILE = "approved-apps.toml"
 SECRET_FILE = "superexec-secret"

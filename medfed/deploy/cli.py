@@ -11,7 +11,7 @@ from rich.console import Console
 from medfed.errors import MedfedError
 
 if TYPE_CHECKING:
-    from medfed.deploy.site import RegistrationRequest
+    from medfed.deploy.hospital import RegistrationRequest
 
 server_app = typer.Typer(help="The coordinator: CA and TLS, the SuperLink, site keys, runs.", no_args_is_help=True)
 site_app = typer.Typer(help="A hospital site: key pair, site config, the SuperNode.", no_args_is_help=True)
@@ -43,7 +43,7 @@ def server_init(
 ) -> None:
     """Create the CA, the SuperLink's TLS certificate and the flwr CLI connection in a server folder."""
     from medfed.deploy.pki import certificate_expiry, certificate_fingerprint, certificate_names
-    from medfed.deploy.server import bind_address_note, init_server, read_settings
+    from medfed.deploy.coordinator import bind_address_note, init_server, read_settings
 
     sd = init_server(folder, name or [], host=host, port=port, days=days, renew_cert=renew_cert)
     settings = read_settings(sd)
@@ -63,8 +63,8 @@ def server_init(
 def server_start(folder: ServerDirOption) -> None:
     """Run the SuperLink (TLS, site authentication, persistent database) in the foreground until Ctrl-C."""
     from medfed.deploy.foreground import log_size, serve
-    from medfed.deploy.server import SUPERLINK, read_settings, server_dir, start_server
-    from medfed.federation.processes import exit_on_sigterm
+    from medfed.deploy.coordinator import SUPERLINK, read_settings, server_dir, start_server
+    from medfed.launch.processes import exit_on_sigterm
 
     sd = server_dir(folder)
     settings = read_settings(sd)
@@ -88,7 +88,7 @@ def register_site(
 ) -> None:
     """Allow a site's key to connect (the SuperLink must be running)."""
     from medfed.deploy.pki import public_key_fingerprint
-    from medfed.deploy.server import register_site as register, server_dir
+    from medfed.deploy.coordinator import register_site as register, server_dir
 
     if fingerprint is None:
         console.print(f"key fingerprint {public_key_fingerprint(public_key)}: confirm it with the site out of band "
@@ -104,7 +104,7 @@ def revoke_site(
     node_id: Annotated[Optional[int], typer.Option(help="Revoke only this registration of the site.")] = None,
 ) -> None:
     """Revoke a site's key: its SuperNode is refused from its next request on."""
-    from medfed.deploy.server import revoke_site as revoke, server_dir
+    from medfed.deploy.coordinator import revoke_site as revoke, server_dir
 
     for r in revoke(server_dir(folder), name, node_id=node_id):
         console.print(f"revoked site '{r.name}' (node {r.node_id}, {r.fingerprint}) at {r.revoked_at}")
@@ -113,7 +113,7 @@ def revoke_site(
 @server_app.command("sites")
 def sites(folder: ServerDirOption) -> None:
     """Registered site keys and whether their SuperNodes are online (the SuperLink must be running)."""
-    from medfed.deploy.server import server_dir, site_table
+    from medfed.deploy.coordinator import server_dir, site_table
 
     rows = site_table(server_dir(folder))
     if not rows:
@@ -150,7 +150,7 @@ def server_run(
     cfg = build_config({"--sites": sites, "--image-size": image_size, "--channels": channels, "--rounds": rounds,
                         "--min-sites": min_sites, "--preset": preset, "--batch-size": batch_size, "--name": name,
                         "--out": out}, sets, config_file)
-    from medfed.deploy.server import server_dir, submit_deployed_run
+    from medfed.deploy.coordinator import server_dir, submit_deployed_run
 
     sd = server_dir(folder)
     run_id, run, status = submit_deployed_run(sd, cfg)
@@ -201,7 +201,7 @@ def site_init(
     """Create a site folder: site.toml, a new ECDSA key pair (private key 0600) and the state folder."""
     from medfed.contracts import SitePolicy
     from medfed.deploy.pki import certificate_fingerprint
-    from medfed.deploy.site import init_site, registration_request
+    from medfed.deploy.hospital import init_site, registration_request
 
     cfg = init_site(folder, name=name, superlink=superlink, ca_cert=ca_cert, data_path=data,
                     data_format=data_format, cap_epsilon=cap_epsilon, state_dir=state_dir, runtime_port=runtime_port,
@@ -232,9 +232,9 @@ def site_register(
     """Show (or export) what the site sends the coordinator: its public key and fingerprint."""
     import shutil
 
-    from medfed.deploy.server import register_site as register, server_dir as open_server_dir
+    from medfed.deploy.coordinator import register_site as register, server_dir as open_server_dir
     from medfed.deploy.sitecfg import read_site_config
-    from medfed.deploy.site import registration_request
+    from medfed.deploy.hospital import registration_request
 
     request = registration_request(read_site_config(folder))
     _print_request(request)
@@ -252,9 +252,9 @@ def site_register(
 def site_start(folder: SiteDirOption) -> None:
     """Check the site's data and keys, then run its SuperNode (TLS, authenticated) until Ctrl-C."""
     from medfed.deploy.app_guard import approvals_path
-    from medfed.deploy.site import check_site_data, check_site_files, run_site, site_session
+    from medfed.deploy.hospital import check_site_data, check_site_files, run_site, site_session
     from medfed.deploy.sitecfg import read_site_config, site_config_path
-    from medfed.federation.processes import exit_on_sigterm
+    from medfed.launch.processes import exit_on_sigterm
     from medfed.privacy.ledger import site_ledger
 
     cfg = read_site_config(folder)
@@ -309,7 +309,7 @@ def approve_app(
 @site_app.command("rotate-key")
 def rotate_key(folder: SiteDirOption) -> None:
     """Make a new key pair (the old one is kept as *.old until the coordinator revokes it)."""
-    from medfed.deploy.site import registration_request, rotate_site_key
+    from medfed.deploy.hospital import registration_request, rotate_site_key
     from medfed.deploy.sitecfg import read_site_config
 
     cfg = read_site_config(folder)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from rich.console import Console
 
 from medfed.errors import MedfedError
-from medfed.federation.processes import ProcessSession, log_tail
+from medfed.launch.processes import ProcessSession, log_tail
 
 NOT_ACTIVATED = "Failed to activate SuperNode"
 

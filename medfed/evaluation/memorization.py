@@ -11,7 +11,7 @@ still hide a copy: the pixel distance statistics are reported too, and the close
 
 The audit is a JSON document with a fixed schema (``kind = "memorization-audit"``, ``version = 1``) that other
 tools gate on (the clinician-review export). In federated runs it runs at each site against that site's own
-training images, and only its numbers leave the site (:mod:`medfed.evaluation.federated`).
+training images, and only its numbers leave the site (:mod:`medfed.federation.evaluation`).
 """
 
 from __future__ import annotations

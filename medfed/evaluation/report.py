@@ -24,7 +24,7 @@ from medfed.devices import resolve_device
 from medfed.diffusion import sample_images
 from medfed.errors import DatasetError, MedfedError
 from medfed.evaluation.features import STANDARD, TUN_COMPAT, extract_features, load_feature_network
-from medfed.evaluation.federated import read_records
+from medfed.federation.evaluation import read_records
 from medfed.evaluation.memorization import audit_memorization, images_sha256, write_audit
 from medfed.evaluation.metrics import Score, compute_scores
 from medfed.generate import load_model

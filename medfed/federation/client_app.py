@@ -189,6 +189,6 @@ def query(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model's samples against this site's own images; reply with numbers only (only when the
     site's policy shares evaluation: ``site_guard_mod`` refuses otherwise)."""
-    from medfed.evaluation.federated import handle_evaluate
+    from medfed.federation.evaluation import handle_evaluate
 
     return handle_evaluate(msg, context)

@@ -257,7 +257,7 @@ def run_server(grid: Grid, context: Context, fit_round_type: type[FederatedRound
     if fed.rounds > done:
         legacy = LegacyContext(context=context, strategy=strategy,
                                config=ServerConfig(num_rounds=fed.rounds - done, round_timeout=fed.round_timeout))
-        from medfed.evaluation.federated import FederatedEvaluation
+        from medfed.federation.evaluation import FederatedEvaluation
 
         evaluate_round = FederatedEvaluation(cfg=cfg, run=run, image_shape=image_shape, device=device,
                                              round_offset=done)

@@ -8,7 +8,7 @@
   sites: parameters, size on disk, peak memory, latency and FID.
 
 They are thin orchestration over the platform's own functions: real Flower runs
-(:func:`medfed.federation.simulation.run_simulation`, DP-SGD and SecAgg+ on), the sites' privacy ledgers, and
+(:func:`medfed.launch.simulation.run_simulation`, DP-SGD and SecAgg+ on), the sites' privacy ledgers, and
 :mod:`medfed.evaluation` on a named feature network. Modules are imported where used, so ``medfed --help`` stays
 fast.
 """

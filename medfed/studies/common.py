@@ -310,7 +310,7 @@ def run_config(setup: StudySetup, folder: Path, name: str, image_shape: tuple[in
 def federated_run(cfg: RunConfig, setup: StudySetup, show_progress: bool = True) -> tuple[RunDir, RunConfig]:
     """Run ``cfg`` with real Flower (:func:`run_simulation`); returns the run folder and the config the server
     used (resolved: absolute paths, image shape)."""
-    from medfed.federation.simulation import run_simulation
+    from medfed.launch.simulation import run_simulation
 
     run = run_simulation(cfg, parallel_sites=setup.parallel_sites, cpus_per_site=setup.cpus_per_site,
                          show_progress=show_progress)

@@ -38,7 +38,7 @@ from medfed.errors import ConfigError
 from medfed.evaluation.features import FeatureSet
 from medfed.federation.partition import partition
 from medfed.federation.server import privacy_label
-from medfed.evaluation.federated import site_test_data
+from medfed.federation.evaluation import site_test_data
 from medfed.federation.policy import simulated_node
 from medfed.federation.site import Site, load_site, train_site_privately
 from medfed.generate import load_model

@@ -40,9 +40,9 @@ from medfed.config import RunConfig
 from medfed.deploy.pki import (CertificateAuthority, create_ca, issue_server_cert, load_site_public_key,
                                make_private_dir, private_files, public_key_fingerprint)
 from medfed.errors import ConfigError, MedfedError
-from medfed.federation.deployment import TLSFiles, follow_run, start_superlink, submit_run, write_connection
-from medfed.federation.flower_app import write_flower_app
-from medfed.federation.processes import ProcessSession
+from medfed.launch.deployment import TLSFiles, follow_run, start_superlink, submit_run, write_connection
+from medfed.launch.flower_app import write_flower_app
+from medfed.launch.processes import ProcessSession
 from medfed.runs import RunDir, run_name
 
 CONNECTION = "medfed"

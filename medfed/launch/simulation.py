@@ -14,10 +14,10 @@ from pathlib import Path
 from medfed.config import RunConfig
 from medfed.datasets import load_dataset
 from medfed.errors import ConfigError
-from medfed.federation.deployment import follow_run, start_superlink, submit_run, write_connection
+from medfed.launch.deployment import follow_run, start_superlink, submit_run, write_connection
 from medfed.federation.policy import check_simulation
-from medfed.federation.flower_app import CLIENT_APP, SERVER_APP, write_flower_app
-from medfed.federation.processes import ProcessSession, exit_on_sigterm, free_port
+from medfed.launch.flower_app import CLIENT_APP, SERVER_APP, write_flower_app
+from medfed.launch.processes import ProcessSession, exit_on_sigterm, free_port
 from medfed.federation.site import site_data_entry
 from medfed.runs import RunDir, run_name
 

@@ -28,8 +28,8 @@ from medfed.deploy.pki import (SiteKeyPair, check_private_mode, create_site_key,
 from medfed.contracts import SitePolicy
 from medfed.deploy.sitecfg import SITE_FILE, SiteConfig, site_config_path, write_site_config
 from medfed.errors import ConfigError, DatasetError, MedfedError
-from medfed.federation.deployment import start_supernode
-from medfed.federation.processes import ProcessSession
+from medfed.launch.deployment import start_supernode
+from medfed.launch.processes import ProcessSession
 from medfed.privacy.ledger import link_site_key, site_ledger
 
 KEY_FILE = "site-key"

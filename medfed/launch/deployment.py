@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 
 from medfed.errors import MedfedError
-from medfed.federation.processes import ProcessSession, log_tail
+from medfed.launch.processes import ProcessSession, log_tail
 from medfed.progress import progress_bar
 from medfed.runs import RunDir
 
