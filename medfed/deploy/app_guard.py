@@ -7,9 +7,12 @@ coordinator put in the bundle. A medfed site instead starts its SuperNode with `
 
 1. :func:`serve_tasks` (a thread of ``medfed site start``) claims each pending ClientApp task from the SuperNode's
    runtime API (127.0.0.1, ``AcquireTask`` signed with the site's secret, so no other local process can claim
-   tasks and get their tokens), and starts one fresh process per task (``python -m medfed.deploy.app_guard``)
-   with the task's token on its standard input.
-2. That process (:func:`run_task`) pulls the task (message, context, run, FAB), checks the FAB with
+   tasks and get their tokens), and hands each task's token to the site's task process
+   (``python -m medfed.deploy.app_guard --serve``, started once and restarted if it dies) on its standard input.
+   One warm process runs the tasks one after another: no bundle code is ever loaded, so there is nothing to isolate
+   between tasks, and each message no longer pays for importing torch and medfed (a deployed SecAgg+ round sends
+   each site four).
+2. That process (:func:`run_task`, once per task) pulls the task (message, context, run, FAB), checks the FAB with
    :func:`check_bundle` **before anything in it is loaded**, and then either runs the ClientApp of the medfed
    installed at this site (``medfed.federation.client_app:app``), never code from the bundle, or replies with an
    error whose reason is fixed text (the site's name, the bundle's hash and the rule; no site data).
@@ -55,7 +58,7 @@ REFUSED_DIR = "refused-apps"
 CLIENTAPP_LOG = "clientapp"
 MAX_PYPROJECT_BYTES = 1 << 20
 """medfed's own pyproject.toml is a few kB; a larger one is refused before it is decompressed."""
-POLL_S = 1.0
+POLL_S = 0.2
 """Seconds between two claims of pending tasks (Flower's SuperExec polls every second too)."""
 
 
@@ -218,10 +221,11 @@ def serve_tasks(session: ProcessSession, runtime_address: str, secret: Path, sit
     client = runtime_client(runtime_address, "SuperExec", [SuperExecAuthHttpInterceptor(
         master_secret=secret.read_bytes(), protected_methods={"/flwr.proto.Runtime/AcquireTask"})])
     args = [sys.executable, "-m", "medfed.deploy.app_guard", "--runtime-api-address", runtime_address,
-            "--site", site, "--refused-dir", str(session.log_dir / REFUSED_DIR)]
+            "--site", site, "--refused-dir", str(session.log_dir / REFUSED_DIR), "--serve"]
     if approvals is not None:
         args += ["--approvals", str(approvals)]
     running: list[subprocess.Popen] = []
+    worker: subprocess.Popen | None = None
     failures = 0
     try:
         while not stop.is_set():
@@ -237,12 +241,20 @@ def serve_tasks(session: ProcessSession, runtime_address: str, secret: Path, sit
                 stop.wait(3 * poll_s)
                 continue
             if res.HasField("task") and res.token:
-                with session.log_path(CLIENTAPP_LOG).open("ab") as log:
-                    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                                            env=session.env, start_new_session=True, cwd=session.log_dir)
-                proc.stdin.write(res.token.encode() + b"\n")  # not on the command line: others can read that
-                proc.stdin.close()
-                running.append(proc)
+                for _ in range(2):  # a worker that died in between is replaced once
+                    if worker is None or worker.poll() is not None:  # (re)start the site's warm task process
+                        with session.log_path(CLIENTAPP_LOG).open("ab") as log:
+                            worker = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=log,
+                                                      stderr=subprocess.STDOUT, env=session.env,
+                                                      start_new_session=True, cwd=session.log_dir)
+                        running.append(worker)
+                    try:
+                        assert worker.stdin is not None
+                        worker.stdin.write(res.token.encode() + b"\n")  # never on a command line: others read it
+                        worker.stdin.flush()
+                        break
+                    except OSError:
+                        worker = None
                 continue
             stop.wait(poll_s)
     finally:
@@ -324,7 +336,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--site", required=True)
     parser.add_argument("--approvals", type=Path, default=None)
     parser.add_argument("--refused-dir", type=Path, required=True)
+    parser.add_argument("--serve", action="store_true", help="run one task per token line on stdin until it closes")
     args = parser.parse_args(argv)
+    if args.serve:  # the site's warm task process: medfed imported once, each task checked and run in turn
+        for line in sys.stdin:
+            if line.strip():
+                try:
+                    run_task(args.runtime_api_address, line.strip(), args.site, args.approvals, args.refused_dir)
+                except Exception as err:  # noqa: BLE001 - one task's failure (reported to Flower) ends only that task
+                    print(f"task failed before it could reply: {type(err).__name__}: {err}", flush=True)
+        return 0
     token = sys.stdin.readline().strip()
     if not token:
         raise MedfedError("no task token on standard input")

@@ -30,11 +30,8 @@ class RecordingGrid(DelegatingGrid):
                 stem.with_suffix(".error").write_text(msg.error.reason)
         return replies
 
-    def pull_messages(self, message_ids):
+    def pull_messages(self, message_ids):  # medfed's send_and_receive pulls through here
         return self.save(list(self.inner.pull_messages(message_ids)))
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return self.save(list(self.inner.send_and_receive(messages, timeout=timeout)))
 
 
 app = ServerApp()
