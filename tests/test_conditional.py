@@ -163,6 +163,7 @@ def medfed(*args):
     return subprocess.run([sys.executable, "-m", "medfed.cli", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow  # trains, saves and samples through the CLI (about 8 s): the full suite runs it
 def test_conditional_centralized_run_trains_saves_loads_and_samples_a_class(tmp_path):
     cfg = from_flat({"model.preset": "pico", "model.num-classes": 10, "train.steps": 6, "train.batch-size": 8,
                      "train.lr": 1e-3, "train.log-every": 3, "train.checkpoint-every": 1000,

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from medfed.centralized import train_centralized
@@ -18,6 +19,7 @@ from medfed.images import save_png
 runner = CliRunner()
 
 
+@pytest.mark.slow  # samples, scores on two feature networks and audits a run (about 8 s)
 def test_evaluate_run_dir_writes_scores_report_and_audit(tmp_path, breastmnist):
     clf = tmp_path / "breast-clf.pt"
     trained = runner.invoke(app, ["evaluate", "train-features", "--data-path", str(breastmnist), "--out", str(clf),

@@ -49,6 +49,7 @@ def medfed(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "medfed.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
+@pytest.mark.slow  # a medfed process that trains and samples (about 8 s)
 def test_sample_command_writes_pngs_and_grid(tmp_path):
     result = train_centralized(config(tmp_path, "s", **{"train.steps": 2}), show_progress=False)
     out = tmp_path / "samples"

@@ -146,6 +146,7 @@ def test_cli_scores_a_labelled_png_folder_and_names_what_is_wrong(mnist, shared_
     assert "outside the real test split's 10 classes" in error("--generated", str(npz), "--real", str(archive))
 
 
+@pytest.mark.slow  # samples a checkpoint through the CLI, then trains the utility classifier (about 8 s)
 def test_checkpoint_and_sample_folder_give_class_balanced_labelled_images(mnist, tmp_path):
     from medfed.centralized import train_centralized
     from medfed.config import from_flat
