@@ -300,8 +300,9 @@ class SiteReply:
     noise_multiplicity: int | None = None
     accountant: str | None = None
     ledger_count: int | None = None
-    """Entries in the site's privacy ledger after the round (with ``ledger_hash``: its head, for the coordinator's
-    anchor; the count says how many rounds and refusals the site recorded, nothing of its data)."""
+    """Entries in the site's privacy ledger after a private round (with ``ledger_hash``: its head, the entry the
+    round committed, for the coordinator's anchor; the count says how many rounds and refusals the site recorded,
+    nothing of its data). None in NOT PRIVATE rounds, which leave the ledger as it was."""
     ledger_hash: str | None = None
     train_loss: float | None = None
     seconds: float | None = None

@@ -36,7 +36,7 @@ from medfed.privacy.accounting import NoisePlan, plan_noise
 from medfed.privacy.budget import PrivacyCap, commit_round
 from medfed.privacy.ledger import LedgerEntry
 from medfed.privacy.dp_sgd import check_runnable, train_private
-from medfed.privacy.anchors import LedgerHead, check_ledger_against, ledger_head
+from medfed.privacy.anchors import LedgerHead, check_ledger_against
 from medfed.privacy.ledger import site_ledger
 
 Scalar = bool | int | float | str
@@ -256,9 +256,6 @@ def fit_site(global_weights: list[np.ndarray], cfg: RunConfig, site: Site, serve
     local["seconds"] = time.perf_counter() - start
     if not cfg.privacy.enabled:  # NOT PRIVATE: nothing is covered anyway; the coordinator may plot the losses
         reply = dataclasses.replace(reply, seconds=float(local["seconds"]))
-    if site.state_dir is not None and site_ledger(site.state_dir).path.exists():
-        head = ledger_head(site_ledger(site.state_dir))
-        reply = dataclasses.replace(reply, ledger_count=head.count, ledger_hash=head.hash)
     return LocalUpdate(delta=delta, num_examples=site.declared_size, reply=reply, local_metrics=local)
 
 
@@ -370,4 +367,5 @@ def train_site_privately(model: nn.Module, cfg: RunConfig, site: Site, server_ro
     return SiteReply(site=site.name, private=True, steps=plan.steps_per_round, epsilon=float(entry.data["epsilon"]),
                      delta=site.cap.delta, cap_epsilon=site.cap.epsilon, noise_multiplier=plan.noise_multiplier,
                      sample_rate=plan.sample_rate, max_grad_norm=p.max_grad_norm,
-                     noise_multiplicity=p.noise_multiplicity, accountant=p.accountant)
+                     noise_multiplicity=p.noise_multiplicity, accountant=p.accountant,
+                     ledger_count=entry.index + 1, ledger_hash=entry.hash)  # the head: the entry just committed
