@@ -8,7 +8,10 @@ ClientApp process per message, the decoded-data cache), ``medfed server run``. R
 is reported but not compared. ``deployed_over_simulated`` is the mean of rounds 2.. of the deployment over the
 simulation's; the goal is <= 1.3. The deployment arm also reports how many times each site decoded its data.
 
-Usage: python benchmarks/bench_deployment.py [--rounds 4] [--images 200]
+Usage: python benchmarks/bench_deployment.py [--rounds 4] [--images 200] [--keep DIR]
+
+``--keep DIR`` keeps the runs and every process log; the server log has one line per stage (replies and when
+they came) and each site's ``clientapp.log`` one line per task (when it was pulled, how long it ran).
 """
 
 from __future__ import annotations
@@ -100,9 +103,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--images", type=int, default=200, help="images per site")
+    parser.add_argument("--keep", type=Path, help="keep the runs and logs in this (new) folder")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="medfed-bench-deploy-") as tmp:
-        root = Path(tmp)
+        root = Path(tmp) if args.keep is None else args.keep
+        if args.keep is not None:
+            root.mkdir(parents=True)  # a new folder: an old run's ledgers would change what the sites may spend
         paths = write_sites(root, args.images)
         start = time.perf_counter()
         sim = simulated(paths, args.rounds, root / "sim")

@@ -96,7 +96,7 @@ def run_options(dataset: str | None, data_path: str | None, image_size: int | No
 def check_inputs(cfg: RunConfig) -> None:
     """The files a run reads exist (``data.path``, ``federation.init-checkpoint``), checked before a run folder is
     made. Raises a one-line :class:`ConfigError` naming the key and path."""
-    needs_path = cfg.data.dataset in ("npz", "idx", "folder", "dicom", "nifti") and not cfg.data.site_paths
+    needs_path = cfg.data.dataset in ("npz", "idx", "folder", "dicom", "nifti") and not cfg.data.site_entries
     if needs_path and not cfg.data.path:
         raise ConfigError(f"config key 'data.path' must be set for data.dataset = {cfg.data.dataset} (--data-path)",
                           key="data.path")

@@ -18,11 +18,164 @@ import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from medfed.errors import ConfigError
 
 Scalar = bool | int | float | str
+
+
+# --- values written in small languages ---------------------------------------------------------------------------
+# Four keys hold a small language in one string (data.site-paths, data.ct-window, data.nifti-slices,
+# privacy.site-cap-epsilon). The string stays the stored form (flat keys, run.toml, Flower's run config); each is
+# parsed here, once, when its section is built, into the typed value that code reads (DataConfig.site_entries,
+# .window, .slices; PrivacyConfig.site_caps). A bad value is a ConfigError naming the key and the text.
+
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    # (level, width) in Hounsfield units; standard presets as listed by Radiopaedia ("Windowing (CT)").
+    "brain": (40.0, 80.0),
+    "subdural": (75.0, 215.0),
+    "stroke": (40.0, 40.0),
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "abdomen": (50.0, 400.0),
+    "liver": (30.0, 150.0),
+    "bone": (400.0, 1800.0),
+    "soft-tissue": (40.0, 400.0),
+    "full": (1023.5, 4095.0),  # -1024 .. 3071 HU, the whole 12-bit CT range
+}
+"""Preset names of ``data.ct-window`` and their ``(level, width)`` in Hounsfield units."""
+
+
+class SitePath(NamedTuple):
+    """One entry ``format:path`` of ``data.site-paths``: a simulated site's own data."""
+
+    format: str
+    """How to read it: a ``data.dataset`` name (``folder``, ``dicom``, ``nifti``, ``npz``, ...)."""
+    path: str
+    """The site's folder or file, as written (the loader expands ``~``)."""
+
+
+@dataclass(frozen=True)
+class SliceRange:
+    """The slices ``data.nifti-slices`` keeps along ``data.nifti-axis``: Python slice bounds ``start:stop``
+    (stop excluded), in slice indices or in fractions of the axis length. The default keeps every slice."""
+
+    start: int | float | None = None
+    """First kept slice: an index (negative counts from the end) or, when ``fractional``, a fraction of the axis
+    in [-1, 1]; None starts at the first slice."""
+    stop: int | float | None = None
+    """First slice no longer kept, in the same unit as ``start``; None runs to the last slice."""
+    fractional: bool = False
+    """The bounds are fractions of the axis (written with a decimal point, ``0.2:0.8``)."""
+
+    def indices(self, count: int) -> range:
+        """The kept slice indices of an axis of ``count`` slices; a fraction f becomes index ``round(f * count)``.
+        Bounds past either end are clipped, as in a Python slice, so the range may be empty."""
+
+        def bound(value: int | float | None) -> int | None:
+            if value is None:
+                return None
+            return round(value * count) if self.fractional else int(value)
+
+        return range(count)[slice(bound(self.start), bound(self.stop))]
+
+
+def parse_site_paths(text: str) -> tuple[SitePath, ...]:
+    """``data.site-paths`` (``format:path`` entries separated by ``;``, blank entries ignored) as one
+    :class:`SitePath` per entry, site i's at index i; ``()`` when there is none.
+
+    Raises:
+        ConfigError: an entry without ``format:`` or path, or with an unknown format, naming the key and entry.
+    """
+    key = "data.site-paths"
+    entries: list[SitePath] = []
+    for entry in (e.strip() for e in text.split(";")):
+        if not entry:
+            continue
+        fmt, sep, path = (part.strip() for part in entry.partition(":"))
+        if not sep or not fmt or not path:
+            raise ConfigError(f"config key '{key}': entry '{entry}' is not format:path (e.g. dicom:/data/site0)",
+                              key=key)
+        if fmt not in DATASETS:
+            raise ConfigError(f"config key '{key}': entry '{entry}': format '{fmt}' is not one of "
+                              f"{', '.join(DATASETS)}{did_you_mean(fmt, DATASETS)}", key=key)
+        entries.append(SitePath(fmt, path))
+    return tuple(entries)
+
+
+def parse_site_caps(text: str) -> tuple[float, ...]:
+    """``privacy.site-cap-epsilon`` (one epsilon for every site, or comma-separated, one per site) as a tuple
+    of epsilons, each finite and > 0.
+
+    Raises:
+        ConfigError: empty text, a value that is not a number, or one that is not finite and > 0.
+    """
+    key = "privacy.site-cap-epsilon"
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise ConfigError(f"config key '{key}' is empty; give one cap for all sites or one per site", key=key)
+    try:
+        caps = tuple(float(v) for v in values)
+    except ValueError:
+        raise ConfigError(f"config key '{key}': '{text}' is not a number or comma-separated numbers",
+                          key=key) from None
+    if not all(math.isfinite(c) and c > 0 for c in caps):
+        raise ConfigError(f"config key '{key}': every cap must be a finite epsilon > 0 (got '{text}')", key=key)
+    return caps
+
+
+def parse_ct_window(text: str) -> tuple[float, float]:
+    """``data.ct-window`` (a :data:`CT_WINDOWS` preset, any case, or ``level,width``) as ``(level, width)`` in
+    Hounsfield units, width > 0.
+
+    Raises:
+        ConfigError: neither a preset nor ``level,width`` with finite numbers and width > 0.
+    """
+    name = text.strip().lower()
+    if name in CT_WINDOWS:
+        return CT_WINDOWS[name]
+    level, sep, width = name.partition(",")
+    try:
+        window = float(level), float(width)
+    except ValueError:
+        window = (0.0, 0.0)
+    if not sep or not all(math.isfinite(v) for v in window) or window[1] <= 0:
+        raise ConfigError(f"config key 'data.ct-window': '{text}' is neither a preset ({', '.join(CT_WINDOWS)}) "
+                          f"nor 'level,width' in Hounsfield units with width > 0{did_you_mean(name, CT_WINDOWS)}",
+                          key="data.ct-window")
+    return window
+
+
+_SLICE_BOUND = re.compile(r"-?(\d+\.?\d*|\.\d+)")
+
+
+def parse_slice_range(text: str) -> SliceRange:
+    """``data.nifti-slices`` (empty, or ``start:stop`` with either bound optional: indices like ``40:120`` and
+    ``10:-10``, or fractions of the axis like ``0.2:0.8`` when any bound has a decimal point) as a
+    :class:`SliceRange`.
+
+    Raises:
+        ConfigError: no ``:``, a bound that is not a number, or a fraction outside [-1, 1].
+    """
+    key = "data.nifti-slices"
+    if not text.strip():
+        return SliceRange()
+    start, sep, stop = (part.strip() for part in text.partition(":"))
+    if not sep:
+        raise ConfigError(f"config key '{key}': '{text}' is not start:stop (indices like 40:120 or fractions "
+                          "like 0.2:0.8)", key=key)
+    for part in (start, stop):
+        if part and not _SLICE_BOUND.fullmatch(part):
+            raise ConfigError(f"config key '{key}': '{part}' in '{text}' is not a number", key=key)
+    fractional = "." in text
+    if not fractional:
+        return SliceRange(int(start) if start else None, int(stop) if stop else None)
+    bounds = [float(part) if part else None for part in (start, stop)]
+    if any(b is not None and not -1.0 <= b <= 1.0 for b in bounds):
+        raise ConfigError(f"config key '{key}': '{text}' has a decimal point, so its bounds are fractions of the "
+                          "axis and must be in [-1, 1] (indices are whole numbers, like 40:120)", key=key)
+    return SliceRange(bounds[0], bounds[1], fractional=True)
 
 
 @dataclass(frozen=True)
@@ -47,7 +200,8 @@ class DataConfig:
     """Let torchvision download the benchmark datasets where the network allows."""
     site_paths: str = ""
     """Simulation only: each site's own data as ``format:path`` entries separated by ``;`` (site i gets entry
-    i), instead of a split of ``dataset``. Deployments set ``data-path`` in each SuperNode's node config."""
+    i; format is a ``dataset`` name), instead of a split of ``dataset``. Deployments set ``data-path`` in each
+    SuperNode's node config."""
     on_error: str = "fail"
     """Unreadable or unusable files in a ``folder``/``dicom``/``nifti`` site folder: ``fail`` stops with an error
     naming the file; ``skip`` leaves them out and logs each one with its reason. An empty folder always fails."""
@@ -66,8 +220,8 @@ class DataConfig:
     nifti_axis: int = 2
     """NIfTI: axis of the RAS-reoriented volume to slice along (0 sagittal, 1 coronal, 2 axial)."""
     nifti_slices: str = ""
-    """NIfTI: slices kept along ``nifti-axis`` as ``start:stop``, in indices (``40:120``, negatives count from
-    the end) or fractions of the axis (``0.2:0.8``); empty keeps all."""
+    """NIfTI: slices kept along ``nifti-axis`` as ``start:stop`` (stop excluded), in indices (``40:120``,
+    negatives count from the end) or fractions of the axis in [-1, 1] (``0.2:0.8``); empty keeps all."""
     nifti_volume: int = 0
     """NIfTI: which volume of a 4D file (index along its 4th axis) to slice."""
     nifti_min_foreground: float = 0.05
@@ -86,6 +240,34 @@ class DataConfig:
     cache_dir: str = ""
     """Site-local folder where MONAI's PersistentDataset caches decoded DICOM/NIfTI/PNG files between rounds. It
     holds pixel data, so keep it at the site; empty disables caching."""
+
+    def __post_init__(self) -> None:
+        # Parse the small languages once, here: a bad value fails where the config is built (from_flat, a
+        # DataConfig(...) or dataclasses.replace), and every reader gets the cached typed value.
+        _ = self.site_entries, self.window, self.slices
+
+    @functools.cached_property
+    def site_entries(self) -> tuple[SitePath, ...]:
+        """``site_paths`` parsed: one ``(format, path)`` per simulated site, site i's at index i; ``()`` when
+        unset (sites then split ``dataset``)."""
+        return parse_site_paths(self.site_paths)
+
+    @functools.cached_property
+    def class_names(self) -> tuple[str, ...]:
+        """``classes`` parsed: the class names in label order (name i has label i); ``()`` when unset."""
+        return tuple(name.strip() for name in self.classes.split(",") if name.strip())
+
+    @functools.cached_property
+    def window(self) -> tuple[float, float]:
+        """``ct_window`` parsed: ``(level, width)`` in Hounsfield units; raw values level - width/2 .. level +
+        width/2 map to [-1, 1]."""
+        return parse_ct_window(self.ct_window)
+
+    @functools.cached_property
+    def slices(self) -> SliceRange:
+        """``nifti_slices`` parsed; ``slices.indices(count)`` is the range of kept slice indices of a volume with
+        ``count`` slices along ``nifti_axis``."""
+        return parse_slice_range(self.nifti_slices)
 
 
 @dataclass(frozen=True)
@@ -257,10 +439,20 @@ class PrivacyConfig:
     ``tiny`` site's peak memory at batch 64 by about a third, at about 2x the step time. Never changes the
     gradients."""
     site_cap_epsilon: str = "10"
-    """Simulation only: each simulated site's cap, one value for all or comma-separated per site. Deployed sites
-    set ``privacy-cap-epsilon`` in their own node config."""
+    """Simulation only: each simulated site's cap (epsilon over all runs, at ``delta``), one value for all or
+    comma-separated per site, each > 0. Deployed sites set ``privacy-cap-epsilon`` in their own node config."""
     site_state_root: str = ""
     """Simulation only: folder of the simulated sites' state (ledgers); empty = ``<output.dir>/site-state``."""
+
+    def __post_init__(self) -> None:
+        # Parsed once, here, like DataConfig's small languages.
+        _ = self.site_caps
+
+    @functools.cached_property
+    def site_caps(self) -> tuple[float, ...]:
+        """``site_cap_epsilon`` parsed: the simulated sites' epsilon caps, one for every site (length 1) or site
+        i's at index i."""
+        return parse_site_caps(self.site_cap_epsilon)
 
 
 @dataclass(frozen=True)
@@ -496,8 +688,11 @@ OPTION_KEYS: dict[str, str] = {
     "--out": "output.dir",
     "--name": "output.name",
     "--resume": "output.resume",
+    "--limit": "data.limit",
+    "--cap-epsilon": "privacy.site-cap-epsilon",
 }
-"""The config key each run option of ``medfed train``, ``medfed run`` and ``medfed server run`` sets."""
+"""The config key each run option of ``medfed train``, ``medfed run``, ``medfed server run`` and ``medfed study``
+sets."""
 
 
 def read_config_file(path: str | Path) -> dict[str, object]:
@@ -548,14 +743,16 @@ def write_config_file(cfg: RunConfig, path: str | Path) -> Path:
 
 
 def build_config(options: Mapping[str, object | None] | None = None, sets: Iterable[str] | None = None,
-                 config_file: str | Path | None = None) -> RunConfig:
-    """The config of a command: defaults, then ``config_file``, then ``options``, then ``--set`` overrides.
+                 config_file: str | Path | None = None, base: RunConfig | None = None) -> RunConfig:
+    """The config of a command: ``base`` (default: medfed's defaults), then ``config_file``, then ``options``, then
+    ``--set`` overrides.
 
     Args:
         options: command-line options by flag (keys of :data:`OPTION_KEYS`, e.g. ``{"--batch-size": 32}``);
             ``None`` values were not given.
         sets: ``section.key=value`` strings of ``--set``.
         config_file: a TOML file of the same keys (``--config``).
+        base: the config the others are laid over (a study's base config); None = the defaults.
 
     Raises:
         ConfigError: a bad key or value, naming the option, ``--set`` item or file it came from, and the key.
@@ -574,7 +771,7 @@ def build_config(options: Mapping[str, object | None] | None = None, sets: Itera
     for key, value in parse_overrides(sets or []).items():
         flat[key], origin[key] = value, f"--set {key}={value}"
     try:
-        return from_flat(flat)
+        return from_flat(flat, base)
     except ConfigError as err:
         where = origin.get(err.key or "")
         if where is None:
@@ -616,6 +813,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 """Keys whose value is one of a fixed set of names."""
 
+SYNTAX: dict[str, str] = {
+    "data.site-paths": "empty, or format:path entries separated by ';' (format: a data.dataset name)",
+    "data.ct-window": "a preset (" + ", ".join(CT_WINDOWS) + ") or 'level,width' in HU with width > 0",
+    "data.nifti-slices": "empty or 'start:stop' (indices like 40:120 or fractions in [-1, 1] like 0.2:0.8)",
+    "privacy.site-cap-epsilon": "one epsilon > 0 for all sites, or comma-separated, one per site",
+}
+"""Keys written in a small language (parsed when the config is built, by the ``parse_*`` functions above) and
+their syntax, as ``medfed config`` shows it."""
+
 
 def check_device(spec: str, what: str = "config key 'train.device':") -> None:
     """Raise a one-line :class:`ConfigError` unless ``spec`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
@@ -646,13 +852,9 @@ def range_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
         (cfg.data.channels in (0, 1, 3), "data.channels", "must be 0 (native), 1 or 3"),
         (cfg.data.image_size >= 0, "data.image-size", "must be >= 0"),
         (cfg.data.limit >= 0, "data.limit", "must be >= 0"),
-        (re.fullmatch(r"[a-z-]+|\s*-?[\d.]+\s*,\s*[\d.]*[1-9][\d.]*\s*", cfg.data.ct_window) is not None,
-         "data.ct-window", "must be a preset name or 'level,width' with width > 0"),
         (0.0 <= cfg.data.percentile_low < cfg.data.percentile_high <= 100.0, "data.percentile-low",
          "must satisfy 0 <= percentile-low < percentile-high <= 100"),
         (cfg.data.nifti_axis in (0, 1, 2), "data.nifti-axis", "must be 0, 1 or 2"),
-        (re.fullmatch(r"|\s*-?[\d.]*\s*:\s*-?[\d.]*\s*", cfg.data.nifti_slices) is not None, "data.nifti-slices",
-         "must be empty or 'start:stop' (indices like 40:120 or fractions like 0.2:0.8)"),
         (cfg.data.nifti_volume >= 0, "data.nifti-volume", "must be >= 0"),
         (0.0 <= cfg.data.nifti_min_foreground < 1.0, "data.nifti-min-foreground", "must be in [0, 1)"),
         (cfg.data.labels != "csv" or bool(cfg.data.labels_csv), "data.labels-csv",
@@ -786,6 +988,8 @@ def describe_keys(cfg: RunConfig | None = None) -> list[KeyInfo]:
                 allowed = "one of " + ", ".join(CHOICES[key])
             elif key == "train.device":
                 allowed = "one of " + DEVICES
+            elif key in SYNTAX:
+                allowed = SYNTAX[key]
             else:
                 allowed = "; ".join(rules.get(key, []))
             out.append(KeyInfo(key, getattr(sub, f.name), _TYPE_WORDS[hints[f.name]],

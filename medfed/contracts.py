@@ -32,6 +32,11 @@ Scalar = bool | int | float | str
 CONTRACT_VERSION = 1
 """Version of the node-config, refusal and round-record formats below."""
 
+_NODE_VERSION = "medfed-node-config"
+"""The node config's key holding its :data:`CONTRACT_VERSION`."""
+_REPLY_VERSION = "medfed-reply"
+"""The site reply's metric holding its :data:`CONTRACT_VERSION`."""
+
 
 # --------------------------------------------------------------------------------------------------- policy
 
@@ -91,9 +96,77 @@ class SitePolicy:
                 if f.name in ("require_dp", "require_secure_aggregation", "min_sites_per_round")
                 and getattr(self, f.name) != getattr(strict, f.name)]
 
+    @classmethod
+    def from_keys(cls, values: Mapping[str, object], source: str, prefix: str = "policy.") -> SitePolicy:
+        """A checked policy from its hyphenated keys (``dataset-size = 1200``; a missing key keeps its default).
+
+        ``source`` (a file, or ``node config``) and ``prefix`` + key name the key in every :class:`ConfigError`:
+        an unknown key, a value of the wrong type, a value out of range (:meth:`validate`). ``site.toml``'s
+        ``[policy]`` table and the node config's ``policy-*`` keys are both read here."""
+        return cls(**_typed_fields(cls, values, source, prefix)).validate(source)
+
 
 def _key(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _require_version(found: object, what: str, key: str, advice: str = "", if_missing: str = "") -> None:
+    """Refuse a contract whose version (the value of ``key``) is missing or not :data:`CONTRACT_VERSION`.
+
+    Raises:
+        ConfigError: ``<what> has no contract version ('<key>')`` or ``<what> version <found> is not supported
+            (this medfed reads version N)``, each followed by ``: <advice>`` (``if_missing`` for the first, when
+            given)."""
+    if found is None:
+        why = if_missing or advice
+        raise ConfigError(f"{what} has no contract version ('{key}')" + (f": {why}" if why else ""))
+    if not isinstance(found, int) or isinstance(found, bool) or found != CONTRACT_VERSION:
+        raise ConfigError(f"{what} version {found!r} is not supported (this medfed reads version "
+                          f"{CONTRACT_VERSION})" + (f": {advice}" if advice else ""))
+
+
+_TYPES: dict[str, type] = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+def _typed_fields(cls: type, values: Mapping[str, object], where: str, prefix: str = "",
+                  unknown: str = "key") -> dict[str, Any]:
+    """The keyword arguments of dataclass ``cls`` from ``values`` keyed by hyphenated field names, each checked
+    against its field's scalar type (``bool``, ``int``, ``float``, ``str``, or one of them ``| None``).
+
+    Fields of other types are not read (they are no key). Errors name ``where`` and ``prefix`` + the key.
+
+    Raises:
+        ConfigError: an unknown key (``<where>: unknown <unknown> '<key>'``), a missing key of a field without a
+            default, or a value of the wrong type."""
+    fields = {_key(f.name): (f, _TYPES[scalar]) for f in dataclasses.fields(cls)
+              if (scalar := str(f.type).split(" | ")[0]) in _TYPES}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown {unknown} '{prefix}{key}'")
+        f, kind = fields[key]
+        kwargs[f.name] = _typed(value, kind, f"{where}: '{prefix}{key}'")
+    for key, (f, _) in fields.items():
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: missing {unknown} '{prefix}{key}'")
+    return kwargs
+
+
+def _typed(value: object, kind: type, what: str) -> Scalar:
+    """``value`` as ``kind`` (an int is a float; 'true'/'false' a bool), else a :class:`ConfigError` naming
+    ``what``."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif kind is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{what} must be {kind.__name__}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------- node config
@@ -141,7 +214,7 @@ class NodeConfig:
 
     def to_flower(self) -> dict[str, Scalar]:
         """The flat ``--node-config`` form (``key = value`` pairs; policy keys prefixed ``policy-``)."""
-        out: dict[str, Scalar] = {"medfed-node-config": CONTRACT_VERSION}
+        out: dict[str, Scalar] = {_NODE_VERSION: CONTRACT_VERSION}
         for f in dataclasses.fields(self):
             if f.name == "policy":
                 continue
@@ -154,46 +227,14 @@ class NodeConfig:
     def from_flower(cls, values: Mapping[str, Scalar]) -> NodeConfig:
         """Parse Flower's node config. Flower's own keys ``partition-id``/``num-partitions`` (simulation) are
         read too. Unknown keys, bad types and an unknown version raise :class:`ConfigError` naming the key."""
-        version = values.get("medfed-node-config", CONTRACT_VERSION if "partition-id" in values else None)
-        if version is None:
-            raise ConfigError("node config has no 'medfed-node-config' version: start the site with `medfed site "
-                              "start` (it writes the node config from site.toml)")
-        if int(version) != CONTRACT_VERSION:
-            raise ConfigError(f"node config version {version} is not supported (this medfed reads version "
-                              f"{CONTRACT_VERSION}): update medfed at the site or the coordinator")
-        own = {_key(f.name): f for f in dataclasses.fields(cls) if f.name != "policy"}
-        pol = {f"policy-{_key(f.name)}": f for f in dataclasses.fields(SitePolicy)}
-        kwargs: dict[str, Any] = {}
-        policy_kwargs: dict[str, Any] = {}
-        for key, value in values.items():
-            if key == "medfed-node-config":
-                continue
-            if key in own:
-                kwargs[own[key].name] = _typed(key, value, own[key].type)
-            elif key in pol:
-                policy_kwargs[pol[key].name] = _typed(key, value, pol[key].type)
-            else:
-                raise ConfigError(f"node config: unknown key '{key}'")
-        return cls(**kwargs, policy=SitePolicy(**policy_kwargs).validate("node config"))
-
-
-_TYPES: dict[str, type] = {"bool": bool, "int": int, "float": float, "str": str}
-
-
-def _typed(key: str, value: object, annotation: object) -> Scalar:
-    kind = _TYPES[str(annotation)]
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-    elif kind is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    elif kind is str and isinstance(value, str):
-        return value
-    raise ConfigError(f"node config: '{key}' must be {kind.__name__}, got {value!r}")
+        _require_version(values.get(_NODE_VERSION, CONTRACT_VERSION if "partition-id" in values else None),
+                         "node config", _NODE_VERSION, advice="update medfed at the site or the coordinator",
+                         if_missing="start the site with `medfed site start` (it writes the node config from "
+                                    "site.toml)")
+        own = {k: v for k, v in values.items() if k != _NODE_VERSION and not k.startswith("policy-")}
+        policy = {k.removeprefix("policy-"): v for k, v in values.items() if k.startswith("policy-")}
+        return cls(**_typed_fields(cls, own, "node config"),
+                   policy=SitePolicy.from_keys(policy, "node config", prefix="policy-"))
 
 
 # ------------------------------------------------------------------------------------------------- refusals
@@ -308,7 +349,7 @@ class SiteReply:
     seconds: float | None = None
 
     def to_metrics(self) -> dict[str, Scalar]:
-        out: dict[str, Scalar] = {"medfed-reply": CONTRACT_VERSION}
+        out: dict[str, Scalar] = {_REPLY_VERSION: CONTRACT_VERSION}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is not None:
@@ -318,19 +359,9 @@ class SiteReply:
     @classmethod
     def from_metrics(cls, metrics: Mapping[str, Scalar]) -> SiteReply:
         """Parse a reply's metrics; raises :class:`ConfigError` for a reply of another version or shape."""
-        if metrics.get("medfed-reply") != CONTRACT_VERSION:
-            raise ConfigError(f"site reply version {metrics.get('medfed-reply')!r} is not supported (expected "
-                              f"{CONTRACT_VERSION})")
-        fields = {_key(f.name): f for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in metrics.items():
-            if key == "medfed-reply":
-                continue
-            if key not in fields:
-                raise ConfigError(f"site reply: unknown metric '{key}'")
-            kind = str(fields[key].type).split(" | ")[0]
-            kwargs[fields[key].name] = _typed(key, value, kind)
-        return cls(**kwargs)
+        _require_version(metrics.get(_REPLY_VERSION), "site reply", _REPLY_VERSION)
+        return cls(**_typed_fields(cls, {k: v for k, v in metrics.items() if k != _REPLY_VERSION}, "site reply",
+                                   unknown="metric"))
 
 
 # ------------------------------------------------------------------------------------------------ fit config
@@ -475,9 +506,7 @@ class RoundRecord:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RoundRecord:
-        if d.get("version") != CONTRACT_VERSION:
-            raise ConfigError(f"round record version {d.get('version')!r} is not supported (expected "
-                              f"{CONTRACT_VERSION}): written by another medfed version")
+        _require_version(d.get("version"), "round record", "version", advice="written by another medfed version")
         return cls(round=int(d["round"]), aggregated=bool(d["aggregated"]),
                    sites=tuple(SiteOutcome.from_dict(s) for s in d["sites"]), privacy=str(d["privacy"]),
                    wall_s=float(d["wall_s"]), bytes_down=int(d.get("bytes_down", 0)),

@@ -96,7 +96,7 @@ def resolve_class(class_name: str, ckpt: Checkpoint, path: str | Path) -> int:
     classes = ckpt.config.model.num_classes
     if classes == 0:
         raise ConfigError(f"--class: checkpoint {path} is unconditional (model.num-classes = 0)")
-    names = [n.strip() for n in ckpt.config.data.classes.split(",") if n.strip()]
+    names = list(ckpt.config.data.class_names)
     if class_name.strip() in names:
         return names.index(class_name.strip())
     try:

@@ -35,6 +35,12 @@ def quiet_third_party() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
+def clock(wall: float) -> str:
+    """``wall`` (seconds since the epoch, ``time.time()``) as local ``HH:MM:SS.ss``: lines up server and site
+    logs of one machine."""
+    return time.strftime("%H:%M:%S", time.localtime(wall)) + f"{wall % 1:.2f}"[1:]
+
+
 def log_dir() -> Path:
     """``$MEDFED_LOG_DIR``, else ``$XDG_CACHE_HOME/medfed/logs`` (default ``~/.cache/medfed/logs``)."""
     if os.environ.get("MEDFED_LOG_DIR"):

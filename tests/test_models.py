@@ -1,5 +1,6 @@
 import copy
 
+import numpy as np
 import pytest
 import torch
 from opacus.validators import ModuleValidator
@@ -58,3 +59,19 @@ def test_conditional_unet_has_a_null_class_embedding():
     x = torch.randn(2, 1, 28, 28)
     assert model(x, torch.tensor([0, 999]), class_labels=torch.tensor([3, 4])).shape == x.shape
     assert not hasattr(build_unet("pico", 1), "class_embedding")
+
+
+def test_weights_travel_as_one_vector_and_come_back_exactly():
+    from medfed.federation.weights import from_wire, get_weights, shapes_of, to_wire
+    from medfed.models.unet import state_shapes
+
+    arrays = get_weights(build_unet("pico", 1, 3))
+    wire = to_wire(arrays)
+    assert len(wire) == 1 and wire[0].dtype == np.float32 and wire[0].size == sum(a.size for a in arrays)
+    back = from_wire(wire, shapes_of(arrays))
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, back))
+    assert list(state_shapes("pico", 1, 3)) == shapes_of(arrays)
+    with pytest.raises(ValueError, match="one vector of"):
+        from_wire([wire[0][:-1]], shapes_of(arrays))
+    with pytest.raises(ValueError, match="one vector of"):
+        from_wire(arrays, shapes_of(arrays))

@@ -3,6 +3,7 @@
 Toy settings keep every site smaller than a batch (sample rate 1), which keeps the privacy accountant fast.
 """
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -13,18 +14,19 @@ import torch
 from typer.testing import CliRunner
 
 from medfed.cli import app
+from medfed.config import RunConfig, to_flat
 from medfed.errors import ConfigError
 from medfed.privacy.ledger import site_ledger
+from medfed.studies import clients, lightweight, personalization
 from medfed.studies.clients import ClientsOptions, local_steps, run_clients_study
-from medfed.studies.common import StudySetup, with_given
 from medfed.studies.personalization import PersonalizationOptions, deal_like, run_personalization_study
+from medfed.studies.settings import StudySetup, check_setup, options_record, run_config, study_base, with_given
 
 
-def toy_setup(data: Path, **fields) -> StudySetup:
-    base = dict(data_path=str(data), limit=64, rounds=1, batch_size=64, num_samples=16, sample_steps=2,
-                classifier_epochs=1, device="cpu")
-    base.update(fields)
-    return StudySetup(**base)
+def toy_setup(data: Path, limit: int = 64, **fields) -> StudySetup:
+    base = study_base(str(data), limit=limit, rounds=1)
+    base = dataclasses.replace(base, train=dataclasses.replace(base.train, batch_size=64, device="cpu"))
+    return StudySetup(base, **{"num_samples": 16, "sample_steps": 2, "classifier_epochs": 1, **fields})
 
 
 def numbers_in(obj, path="$"):
@@ -179,9 +181,70 @@ def test_local_steps_round_each_sites_last_batch_up():
     assert local_steps(shards, batch_size=32, rounds=2, local_epochs=3) == 2 * 3 * (4 + 1 + 2)
 
 
-def test_given_options_override_setup_and_study_fields(breastmnist):
-    options = with_given(ClientsOptions(toy_setup(breastmnist)), {"limit": 10, "beta": 0.1, "rounds": None})
-    assert options.setup.limit == 10 and options.beta == 0.1 and options.setup.rounds == 1
+def test_given_options_override_the_base_config_and_study_fields(breastmnist):
+    options = with_given(ClientsOptions(toy_setup(breastmnist)), {"--limit": 10, "--rounds": None, "--lr": 1e-4},
+                         ["train.lr=5e-4", "privacy.accountant=prv"], beta=0.1, num_samples=None, sample_steps=3)
+    base = options.setup.base
+    assert base.data.limit == 10 and base.federation.rounds == 1  # given, and not given
+    assert base.train.lr == 5e-4 and base.privacy.accountant == "prv"  # --set comes last, as in build_config
+    assert options.beta == 0.1 and options.setup.num_samples == 16 and options.setup.sample_steps == 3
+
+
+def test_each_run_config_derives_from_the_base(breastmnist, tmp_path):
+    """Typed fields of the base reach every run; each study sets only its own per-setting fields."""
+    setup = StudySetup(dataclasses.replace(toy_setup(breastmnist).base, privacy=dataclasses.replace(
+        RunConfig().privacy, accountant="prv", site_cap_epsilon="9")), sample_steps=7)
+    cfg = run_config(setup, tmp_path, "a-run", (1, 28, 28))
+    assert cfg.data.path == str(breastmnist.resolve()) and (cfg.data.channels, cfg.data.image_size) == (1, 28)
+    assert cfg.data.limit == 64 and cfg.train.batch_size == 64 and cfg.federation.rounds == 1
+    assert cfg.diffusion.sample_steps == 7 and cfg.diffusion.sampler == "ddim" and cfg.federation.sample_every == 0
+    assert cfg.privacy.accountant == "prv" and cfg.privacy.site_caps == (9.0,)
+    assert cfg.privacy.site_state_root == str(tmp_path / "site-state")
+    assert (cfg.output.dir, cfg.output.name) == (str(tmp_path / "runs"), "a-run")
+
+    plain = clients.setting_config(cfg, clients.Setting(5, "dirichlet", False), beta=0.3)
+    assert (plain.federation.num_sites, plain.federation.partition, plain.federation.dirichlet_beta) == (
+        5, "dirichlet", 0.3)
+    assert not plain.privacy.enabled and not plain.policy.require_dp and plain.privacy.accountant == "prv"
+    assert to_flat(dataclasses.replace(plain, federation=cfg.federation, privacy=cfg.privacy,
+                                       policy=cfg.policy)) == to_flat(cfg)  # nothing else changed
+
+    pico = lightweight.preset_config(cfg, "pico", 4)
+    assert pico.model.preset == "pico" and pico.federation.num_sites == 4
+    assert pico.privacy.site_state_root == str(tmp_path / "site-state" / "pico")  # each preset its own ledgers
+
+    files = [tmp_path / f"site-{i}.npz" for i in range(3)]
+    options = PersonalizationOptions(setup, sites=3)
+    fed = personalization.federated_config(cfg, options, files)
+    assert fed.data.path == "" and fed.data.limit == 0 and [e.path for e in fed.data.site_entries] == list(
+        map(str, files))
+    with pytest.raises(ConfigError, match="federation.num-sites"):  # every derived config is checked
+        clients.setting_config(cfg, clients.Setting(2, "iid", True), beta=0.5)
+
+
+def test_study_json_keeps_the_option_fields(breastmnist):
+    """``options.setup`` in study.json names the options as before (reports and readers use them), with the whole
+    base config beside them."""
+    record = options_record(clients.full_options(str(breastmnist)))
+    setup = record["setup"]
+    assert {k: setup[k] for k in ("dataset", "limit", "image_size", "channels", "preset", "rounds", "local_epochs",
+                                  "batch_size", "lr", "target_epsilon", "cap_epsilon", "feature_network",
+                                  "classifier_epochs", "num_samples", "sample_steps", "seed", "device",
+                                  "parallel_sites", "cpus_per_site")} == {
+        "dataset": "npz", "limit": 0, "image_size": 0, "channels": 0, "preset": "tiny", "rounds": 20,
+        "local_epochs": 1, "batch_size": 32, "lr": 2e-4, "target_epsilon": 8.0, "cap_epsilon": 10.0,
+        "feature_network": "classifier", "classifier_epochs": 3, "num_samples": 1000, "sample_steps": 50, "seed": 0,
+        "device": "auto", "parallel_sites": 4, "cpus_per_site": 4}
+    assert setup["data_path"] == str(breastmnist) and setup["config"]["model.preset"] == "tiny"
+    assert record["site_counts"] == (3, 5, 10, 20, 50) and json.loads(json.dumps(record))
+
+
+def test_setup_checks_name_the_option(breastmnist):
+    base = toy_setup(breastmnist).base
+    with pytest.raises(ConfigError, match="^--limit must be >= 0"):
+        check_setup(StudySetup(dataclasses.replace(base, data=dataclasses.replace(base.data, limit=-1))))
+    with pytest.raises(ConfigError, match="^--num-samples must be >= 2"):
+        check_setup(StudySetup(base, num_samples=1))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -191,6 +254,10 @@ def test_given_options_override_setup_and_study_fields(breastmnist):
     (["lightweight", "--presets", "huge"], "--presets: huge"),
     (["personalization", "--sites", "2"], "--sites 2: must be >= 3"),
     (["clients", "--epsilon", "12"], "--cap-epsilon (10) must be at least --epsilon (12)"),
+    (["clients", "--limit", "-1"], "option --limit -1: config key 'data.limit' must be >= 0"),
+    (["lightweight", "--lr", "-1"], "option --lr -1.0: config key 'train.lr' must be > 0"),
+    (["personalization", "--set", "privacy.enabled=false"], "the personalization study charges DP fine-tuning"),
+    (["clients", "--set", "federation.rounds=0"], "--set federation.rounds=0: config key 'federation.rounds'"),
 ])
 def test_bad_options_fail_before_any_work(tmp_path, breastmnist, args, message):
     out = tmp_path / "study"

@@ -64,15 +64,15 @@ def label_names(cfg: DataConfig, fmt: str, root: Path, files: list[Path]) -> lis
     return [table.get(r.as_posix()) for r in relative]
 
 
-def label_indices(names: list[str | None], classes: str, where: Path) -> list[int]:
+def label_indices(names: list[str | None], classes: tuple[str, ...], where: Path) -> list[int]:
     """Class indices for ``names``: by ``data.classes`` when given, else integers as they are, else sorted names.
 
     Raises:
         DatasetError: a name not in ``data.classes``, naming ``where``.
     """
     found = sorted({n for n in names if n is not None})
-    if classes.strip():
-        order = [c.strip() for c in classes.split(",") if c.strip()]
+    if classes:
+        order = list(classes)
         unknown = [n for n in found if n not in order]
         if unknown:
             raise DatasetError(f"{where}: labels {', '.join(unknown[:5])} are not in data.classes "

@@ -98,11 +98,9 @@ def read_site_folder(cfg: DataConfig, fmt: str) -> SiteFolder:
 
     Raises:
         DatasetError: missing or empty folder, no usable image, or (``on-error = fail``) the first bad file.
-        ConfigError: an unknown CT window preset or a malformed slice range.
+        (A bad ``ct-window`` or ``nifti-slices`` is a ConfigError when ``cfg`` is built.)
     """
     root = existing_path(cfg.path, f"{FORMATS[fmt]} folder")
-    intensity.ct_window(cfg.ct_window)  # a bad preset is a config error, not a problem of every file
-    nifti.slice_range(cfg.nifti_slices, 1)
     candidates, others = find_files(root, fmt, not_data(cfg, root))
     if not candidates and not others:
         raise DatasetError(f"{root}: empty folder (no files)")
@@ -138,7 +136,7 @@ def read_site_folder(cfg: DataConfig, fmt: str) -> SiteFolder:
                            f"file(s) ({len(policy.skipped)} bad, {len(ignored)} without an image){detail}")
 
     files = sorted(fitted)
-    indices = dict(zip(files, label_indices([names[f] for f in files], cfg.classes, root)))
+    indices = dict(zip(files, label_indices([names[f] for f in files], cfg.class_names, root)))
     images = torch.cat([fitted[f] for f in files])
     labels = torch.cat([torch.full((len(fitted[f]),), indices[f], dtype=torch.long) for f in files])
     name = f"{FORMATS[fmt]} folder '{root.name}' ({len(images)} images from {len(files)} files)"
@@ -252,7 +250,7 @@ def normalise(group: dict[Path, Decoded], cfg: DataConfig) -> dict[Path, np.ndar
 
 def select_slices(path: Path, frames: np.ndarray, cfg: DataConfig, policy: ErrorPolicy) -> np.ndarray | None:
     """NIfTI: the ``data.nifti-slices`` of one volume's normalised slices that have enough foreground."""
-    kept = frames[list(nifti.slice_range(cfg.nifti_slices, len(frames)))]
+    kept = frames[list(cfg.slices.indices(len(frames)))]
     if cfg.nifti_min_foreground > 0 and len(kept):
         kept = kept[nifti.foreground_fraction(kept) >= cfg.nifti_min_foreground]
     if len(kept):

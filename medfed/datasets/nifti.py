@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from medfed.datasets.decoded import Decoded, UnreadableFile
-from medfed.errors import ConfigError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -69,28 +68,6 @@ def volume_slices(voxels: np.ndarray, axis: int) -> np.ndarray:
 def read_nifti(path: Path, axis: int, volume: int) -> Decoded:
     """All slices of one NIfTI file as raw frames (S, 1, H, W)."""
     return Decoded(volume_slices(read_volume(path, volume), axis)[:, None], kind="scalar")
-
-
-def slice_range(text: str, count: int) -> range:
-    """Indices kept by ``data.nifti-slices`` (``start:stop`` in indices or fractions) out of ``count`` slices."""
-    if not text.strip():
-        return range(count)
-    start_text, sep, stop_text = text.partition(":")
-    if not sep:
-        raise ConfigError(f"config key 'data.nifti-slices': '{text}' is not start:stop")
-    fractional = "." in text
-
-    def bound(part: str, default: int) -> int:
-        part = part.strip()
-        if not part:
-            return default
-        try:
-            value = float(part)
-        except ValueError as err:
-            raise ConfigError(f"config key 'data.nifti-slices': '{part}' is not a number") from err
-        return round(value * count) if fractional else int(value)
-
-    return range(count)[slice(bound(start_text, 0), bound(stop_text, count))]
 
 
 def foreground_fraction(frames: np.ndarray) -> np.ndarray:

@@ -44,7 +44,6 @@ from medfed.datasets import DATASETS
 from medfed.errors import ConfigError
 
 SITE_FILE = "site.toml"
-_KINDS: dict[str, type] = {"bool": bool, "int": int, "float": float, "str": str}
 Scalar = bool | int | float | str
 
 
@@ -153,9 +152,9 @@ def read_site_config(site: Path) -> SiteConfig:
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
     folder = path.parent.resolve()
-    policy_keys = {f.name.replace("_", "-"): f for f in dataclasses.fields(SitePolicy)}
+    policy_keys = {f.name.replace("_", "-") for f in dataclasses.fields(SitePolicy)}
     expected = {"": {"name", "superlink", "ca-cert", "private-key", "runtime-port", "data", "privacy", "policy"},
-                "data": {"path", "format"}, "privacy": {"cap-epsilon", "state-dir"}, "policy": set(policy_keys)}
+                "data": {"path", "format"}, "privacy": {"cap-epsilon", "state-dir"}, "policy": policy_keys}
     if "cap-delta" in doc.get("privacy", {}):
         raise ConfigError(f"{path}: 'privacy.cap-delta' moved to 'policy.delta' (required): the run's "
                           "privacy.delta must equal it")
@@ -192,7 +191,6 @@ def read_site_config(site: Path) -> SiteConfig:
                      private_key=resolve(get("private-key", str)), data_path=resolve(get("data.path", str)),
                      data_format=get("data.format", str), state_dir=resolve(get("privacy.state-dir", str)),
                      cap_epsilon=get("privacy.cap-epsilon", float),
-                     policy=SitePolicy(**{f.name: get(f"policy.{key}", _KINDS[str(f.type)], f.default)
-                                          for key, f in policy_keys.items()}),
+                     policy=SitePolicy.from_keys(doc.get("policy", {}), str(path)),
                      runtime_port=get("runtime-port", int, 9094))
     return validate_site(cfg, str(path))

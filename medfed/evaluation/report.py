@@ -104,17 +104,11 @@ def reference_config(cfg: RunConfig, shape: tuple[int, int, int], split: str) ->
 
 def training_images(cfg: RunConfig, shape: tuple[int, int, int]) -> ImageDataset:
     """The images the run trained on (all sites' together in a simulation), for the memorization audit."""
-    from medfed.federation.site import site_data_entry
-
     data = reference_config(cfg, shape, "train")
-    if not data.site_paths:
+    if not data.site_entries:
         return load_dataset(data, seed=cfg.train.seed)
-    count = len([e for e in data.site_paths.split(";") if e.strip()])
-    parts = []
-    for i in range(count):
-        fmt, path = site_data_entry(data, i)
-        parts.append(load_dataset(dataclasses.replace(data, dataset=fmt, path=path, site_paths=""),
-                                  seed=cfg.train.seed))
+    parts = [load_dataset(dataclasses.replace(data, dataset=fmt, path=path, site_paths=""), seed=cfg.train.seed)
+             for fmt, path in data.site_entries]
     return ImageDataset(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]),
                         "all sites' training images")
 

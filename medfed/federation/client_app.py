@@ -10,8 +10,10 @@ a reason code (:class:`medfed.contracts.Refusal`). Train messages then pass two 
 2. :func:`medfed.federation.secagg.secure_aggregation_mod`: Flower's SecAgg+ with medfed's mask generator.
 
 What reaches the server is the update (masked), the declared dataset size and values computed from public
-settings; exception text, file paths, losses and timing stay in the site's own log. Site logic (torch, MONAI, Opacus) is imported only where a message needs it: in deployment every
-message starts a fresh process, and SecAgg+'s key-exchange stages need none of it.
+settings; exception text, file paths, losses and timing stay in the site's own log. Weights travel as one vector
+(:func:`medfed.federation.weights.to_wire`). Site logic (torch, MONAI, Opacus) is imported only where a message
+needs it (SecAgg+'s key-exchange stages need none of it); a deployed site runs every message in one warm process
+(:mod:`medfed.deploy.app_guard`), which imports it once.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 
-from medfed.config import RunConfig, from_flat
+from medfed.config import RunConfig
 from medfed.contracts import FitConfig, NodeConfig, Reason, Refusal
 from medfed.errors import ConfigError, DatasetError
+from medfed.federation.context import run_config_of
 from medfed.federation.policy import Refused, check_run, node_of
 from medfed.federation.secagg import (UnmaskRefusedError, clipped_values, is_secagg_message, secure_aggregation_mod,
                                      stage_of)
@@ -103,7 +106,7 @@ def site_guard_mod(msg: Message, context: Context, call_next: ClientAppCallable)
     stay in the site's own log; nothing of them reaches the coordinator."""
     name = NodeConfig.name_in(context.node_config)
     try:
-        cfg = from_flat(context.run_config)
+        cfg = run_config_of(context)
         node = node_of(cfg, context.node_config)
     except ConfigError as err:
         log(ERROR, "[site %s] refused message: the run config or node config is not usable: %s", name, err)
@@ -137,7 +140,7 @@ def site_from(context: Context, cfg: RunConfig) -> Site:
 def privacy_gate_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Refuse a SecAgg+ round at its setup stage when it would exceed the site's privacy cap."""
     if is_secagg_message(msg) and stage_of(msg) == Stage.SETUP:
-        cfg = from_flat(context.run_config)
+        cfg = run_config_of(context)
         if cfg.privacy.enabled:
             from medfed.federation.site import gate_round
 
@@ -157,14 +160,17 @@ def train(msg: Message, context: Context) -> Message:
     public metrics of :class:`~medfed.federation.site.LocalUpdate`; what depends on private data (loss, timing,
     values SecAgg+ clipped) is written to the site's own log."""
     from medfed.federation.site import fit_site
+    from medfed.federation.weights import from_wire, to_wire
+    from medfed.models.unet import state_shapes
 
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    cfg = from_flat(context.run_config)
+    cfg = run_config_of(context)
     site = site_from(context, cfg)
     fit = FitConfig.from_config(fitins.config)
     server_round = fit.round
-    update = fit_site(parameters_to_ndarrays(fitins.parameters), cfg, site, server_round, run_id=context.run_id,
-                      anchors=fit.anchors)
+    shapes = list(state_shapes(cfg.model.preset, site.data.image_shape[0], cfg.model.num_classes))
+    update = fit_site(from_wire(parameters_to_ndarrays(fitins.parameters), shapes), cfg, site, server_round,
+                      run_id=context.run_id, anchors=fit.anchors)
     local = dict(update.local_metrics)
     secagg_state = context.state.config_records.get(RECORD_KEY_STATE)
     if is_secagg_message(msg) and secagg_state is not None and "max_weight" in secagg_state:
@@ -173,7 +179,7 @@ def train(msg: Message, context: Context) -> Message:
         local["max-abs-delta"] = float(max(abs(d).max() for d in update.delta if d.size))
     log(INFO, "[site %s] round %s: %s", site.name, server_round,
         ", ".join(f"{k}={v}" for k, v in sorted(local.items())))
-    res = FitRes(Status(Code.OK, "OK"), ndarrays_to_parameters(update.delta), update.num_examples,
+    res = FitRes(Status(Code.OK, "OK"), ndarrays_to_parameters(to_wire(update.delta)), update.num_examples,
                  update.reply.to_metrics())
     return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 
@@ -181,7 +187,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Numbers the coordinator may ask before a round: the site's declared (public) dataset size, its weight."""
-    site = site_from(context, from_flat(context.run_config))
+    site = site_from(context, run_config_of(context))
     return Message(RecordDict({"metrics": MetricRecord({"num-examples": site.declared_size})}), reply_to=msg)
 
 

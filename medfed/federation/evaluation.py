@@ -38,7 +38,7 @@ from flwr.server import LegacyContext
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.serverapp import Grid
 
-from medfed.config import RunConfig, from_flat
+from medfed.config import RunConfig
 from medfed.datasets import ImageDataset
 from medfed.devices import resolve_device
 from medfed.diffusion import sample_images
@@ -47,6 +47,7 @@ from medfed.evaluation.features import FeatureNetwork, FeatureSet, extract_featu
 from medfed.evaluation.memorization import audit_memorization, images_sha256
 from medfed.evaluation.metrics import compute_scores
 from medfed.contracts import NodeConfig, Reason, Refusal
+from medfed.federation.context import run_config_of
 from medfed.federation.policy import Refused, node_of
 from medfed.federation.site import Site, held_global_model, load_site
 from medfed.federation.weights import set_weights
@@ -167,7 +168,7 @@ def sample_held_model(cfg: RunConfig, site: Site, run_id: int, server_round: int
 def handle_evaluate(msg: Message, context: Context) -> Message:
     """The ClientApp's evaluate handler: legacy ``EvaluateIns`` in (the round only), numbers out."""
     ins = compat.recorddict_to_evaluateins(msg.content, keep_input=True)
-    cfg = from_flat(context.run_config)
+    cfg = run_config_of(context)
     node = node_of(cfg, context.node_config)
     if not node.policy.share_evaluation:  # site_guard_mod refuses first; this keeps the handler safe on its own
         raise Refused(Reason.POLICY_SHARE_EVALUATION, "the site's policy does not share evaluation")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from medfed.config import DataConfig, RunConfig
+from medfed.config import DataConfig, RunConfig, SitePath
 from medfed.contracts import NodeConfig, Reason, SiteReply
 from medfed.datasets import ImageDataset, load_dataset
 from medfed.datasets.cache import load_cached as load_site_data
@@ -92,15 +92,17 @@ def federated_data_config(cfg: RunConfig) -> DataConfig:
     return cfg.data
 
 
-def site_data_entry(data_cfg: DataConfig, index: int) -> tuple[str, str]:
-    """``(format, path)`` of simulated site ``index`` from ``data.site-paths``."""
-    entries = [e.strip() for e in data_cfg.site_paths.split(";") if e.strip()]
+def site_data_entry(data_cfg: DataConfig, index: int) -> SitePath:
+    """``(format, path)`` of simulated site ``index``: its entry of ``data.site-paths`` (parsed by the config).
+
+    Raises:
+        ConfigError: ``data.site-paths`` lists fewer sites than ``index + 1``.
+    """
+    entries = data_cfg.site_entries
     if index >= len(entries):
-        raise ConfigError(f"config key 'data.site-paths' lists {len(entries)} sites; site {index} has no entry")
-    fmt, sep, path = entries[index].partition(":")
-    if not sep:
-        raise ConfigError(f"config key 'data.site-paths': entry '{entries[index]}' is not format:path")
-    return fmt, path
+        raise ConfigError(f"config key 'data.site-paths' lists {len(entries)} sites; site {index} has no entry",
+                          key="data.site-paths")
+    return entries[index]
 
 
 def load_site(cfg: RunConfig, node: NodeConfig) -> Site:
@@ -129,7 +131,7 @@ def load_site(cfg: RunConfig, node: NodeConfig) -> Site:
         raise ConfigError("node config needs either data-path (deployment) or partition-id (simulation)")
     pid, count = node.partition_id, node.num_partitions
     name = node.site_name or f"site-{pid}"
-    if data_cfg.site_paths:
+    if data_cfg.site_entries:
         fmt, path = site_data_entry(data_cfg, pid)
         data = load_dataset(dataclasses.replace(data_cfg, dataset=fmt, path=path), seed=cfg.train.seed)
     else:
@@ -161,17 +163,16 @@ def deployed_cap(cfg: RunConfig, node: NodeConfig, name: str, state_dir: Path | 
 
 
 def simulated_cap(cfg: RunConfig, pid: int) -> PrivacyCap:
-    """Simulated site ``pid``'s cap from ``privacy.site-cap-epsilon`` (one value, or one per site)."""
-    values = [v.strip() for v in cfg.privacy.site_cap_epsilon.split(",") if v.strip()]
-    try:
-        caps = [float(v) for v in values]
-    except ValueError as err:
-        raise ConfigError(f"config key 'privacy.site-cap-epsilon': '{cfg.privacy.site_cap_epsilon}' is not a "
-                          "number or comma-separated numbers") from err
-    if not caps:
-        raise ConfigError("config key 'privacy.site-cap-epsilon' is empty")
+    """Simulated site ``pid``'s cap from ``privacy.site-cap-epsilon`` (one value, or one per site), at the run's
+    ``privacy.delta``.
+
+    Raises:
+        ConfigError: the key lists caps per site, but none for site ``pid``.
+    """
+    caps = cfg.privacy.site_caps
     if len(caps) > 1 and pid >= len(caps):
-        raise ConfigError(f"config key 'privacy.site-cap-epsilon' lists {len(caps)} caps; site {pid} has none")
+        raise ConfigError(f"config key 'privacy.site-cap-epsilon' lists {len(caps)} caps; site {pid} has none",
+                          key="privacy.site-cap-epsilon")
     return PrivacyCap(epsilon=caps[pid] if len(caps) > 1 else caps[0], delta=cfg.privacy.delta)
 
 

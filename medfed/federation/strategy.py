@@ -22,6 +22,7 @@ from flwr.server.strategy import FedAvg
 
 from medfed.contracts import FitConfig, Reason, Refusal, SiteReply
 from medfed.errors import ConfigError
+from medfed.federation.weights import from_wire, shapes_of, to_wire
 
 Scalar = bool | int | float | str
 
@@ -104,7 +105,7 @@ class DeltaFedAvg(FedAvg):
                  fraction_fit: float, round_offset: int = 0, wait_timeout: float = 3600.0) -> None:
         super().__init__(fraction_fit=fraction_fit, fraction_evaluate=0.0, min_fit_clients=min_sites,
                          min_evaluate_clients=min_sites, min_available_clients=min_sites,
-                         initial_parameters=ndarrays_to_parameters(initial_weights), accept_failures=True)
+                         initial_parameters=ndarrays_to_parameters(to_wire(initial_weights)), accept_failures=True)
         self.current = [np.asarray(w, dtype=np.float32) for w in initial_weights]
         self.num_sites, self.min_sites = num_sites, min_sites
         self.round_offset, self.wait_timeout = round_offset, wait_timeout
@@ -134,9 +135,10 @@ class DeltaFedAvg(FedAvg):
                                                                                           dict[str, Scalar]]:
         accepted = []
         reasons: dict[int, str | None] = {}  # SecAgg+ gives every result the same Parameters: check it once
+        on_wire = to_wire(self.current)
         for proxy, res in results:
             if id(res.parameters) not in reasons:
-                reasons[id(res.parameters)] = validate_delta(parameters_to_ndarrays(res.parameters), self.current)
+                reasons[id(res.parameters)] = validate_delta(parameters_to_ndarrays(res.parameters), on_wire)
             reason = reasons[id(res.parameters)]
             try:
                 reply = SiteReply.from_metrics(res.metrics)
@@ -161,7 +163,7 @@ class DeltaFedAvg(FedAvg):
             aggregated, _ = super().aggregate_fit(server_round, accepted, [])
         if aggregated is None:
             return None, {}
-        delta = parameters_to_ndarrays(aggregated)
+        delta = from_wire(parameters_to_ndarrays(aggregated), shapes_of(self.current))
         self.current = [(w + d).astype(np.float32) for w, d in zip(self.current, delta)]  # SecAgg returns float64
         self.outcome.aggregated = True
-        return ndarrays_to_parameters(self.current), {}
+        return ndarrays_to_parameters(to_wire(self.current)), {}

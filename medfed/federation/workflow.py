@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from logging import INFO
 from typing import cast
 
 import flwr.compat.common.recorddict_compat as compat
 from flwr.app import Message, MessageType, RecordDict
 from flwr.common import Code, FitRes
+from flwr.common.logger import log
 from flwr.server import LegacyContext
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+
+from medfed.logs import clock
 
 
 def payload_nbytes(msg: Message) -> int:
@@ -69,16 +73,24 @@ class DelegatingGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Flower's push-then-pull loop, pulling every :data:`PULL_INTERVAL_S`: Flower's deployment grid sleeps
         3 s between pulls, which added up to 3 s to every stage of a deployed round (4 with SecAgg+)."""
+        messages = list(messages)
+        wall, start = time.time(), time.monotonic()
         pending = set(self.push_messages(messages))
-        end = time.monotonic() + (timeout or 0.0)
+        pushed = time.monotonic() - start
+        end = start + (timeout or 0.0)
         replies: list[Message] = []
+        arrivals: list[float] = []
         while timeout is None or time.monotonic() < end:
             got = list(self.pull_messages(pending))
             replies.extend(got)
+            arrivals += [time.monotonic() - start] * len(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if not pending:
                 break
             time.sleep(PULL_INTERVAL_S)
+        kind = messages[0].metadata.message_type if messages else "-"
+        log(INFO, "stage %s at %s: %d of %d replies, pushed in %.2f s, replies after %s s", kind, clock(wall),
+            len(replies), len(messages), pushed, ", ".join(f"{a:.1f}" for a in sorted(arrivals)) or "-")
         return replies
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -64,14 +65,15 @@ def start_superlink(session: ProcessSession, port: int, *, simulation: bool = Fa
 def start_supernode(session: ProcessSession, superlink: str, port: int, node_config: Mapping[str, Scalar], *,
                     ca_cert: Path | None = None, auth_key: Path | None = None, name: str = "supernode",
                     max_wait_time: float | None = None, executor_secret: Path | None = None) -> subprocess.Popen:
-    """Start ``flower-supernode`` connecting out to ``superlink`` (host:port); ``port`` is its local runtime API
-    port (127.0.0.1).
+    """Start Flower's SuperNode connecting out to ``superlink`` (host:port); ``port`` is its local runtime API
+    port (127.0.0.1). It runs as :mod:`medfed.launch.supernode`: ``flower-supernode`` itself, polling the SuperLink
+    every 0.5 s instead of 3 s when idle, so a site sees each stage of a round without waiting seconds for it.
 
     Without ``executor_secret`` the SuperNode runs each task in Flower's ``flwr-clientapp``, which loads the
     ClientApp named in the run's app bundle. With it (a 0600 file), the SuperNode runs with ``--isolation
     process`` and ``--superexec-auth-secret-file``: it starts no ClientApp itself, and only a process holding the
     secret can claim its tasks (a deployed site's :mod:`medfed.deploy.app_guard`)."""
-    args = ["flower-supernode", "--superlink", superlink, "--host", "127.0.0.1", "--port", str(port),
+    args = [sys.executable, "-m", "medfed.launch.supernode", "--superlink", superlink, "--host", "127.0.0.1", "--port", str(port),
             "--node-config", node_config_arg(node_config)]
     if executor_secret is not None:
         args += ["--isolation", "process", "--superexec-auth-secret-file", str(executor_secret)]

@@ -18,7 +18,6 @@ from medfed.launch.deployment import follow_run, start_superlink, submit_run, wr
 from medfed.federation.policy import check_simulation
 from medfed.launch.flower_app import CLIENT_APP, SERVER_APP, write_flower_app
 from medfed.launch.processes import ProcessSession, exit_on_sigterm, free_port
-from medfed.federation.site import site_data_entry
 from medfed.runs import RunDir, run_name
 
 CONNECTION = "medfed-sim"
@@ -33,8 +32,8 @@ def resolve_for_federation(cfg: RunConfig) -> RunConfig:
     data = cfg.data
     if data.image_size <= 0 or data.channels <= 0:
         probe_cfg = dataclasses.replace(data, limit=1)
-        if data.site_paths:
-            fmt, path = site_data_entry(data, 0)
+        if data.site_entries:
+            fmt, path = data.site_entries[0]
             probe_cfg = dataclasses.replace(probe_cfg, dataset=fmt, path=path)
         c, h, w = load_dataset(probe_cfg, seed=cfg.train.seed).image_shape
         if h != w and data.image_size <= 0:
@@ -43,6 +42,23 @@ def resolve_for_federation(cfg: RunConfig) -> RunConfig:
     output = dataclasses.replace(cfg.output, dir=str(Path(cfg.output.dir).expanduser().resolve()),
                                  name=run_name(cfg))
     return dataclasses.replace(cfg, data=data, output=output)
+
+
+def check_site_lists(cfg: RunConfig) -> None:
+    """Every simulated site has its entry in the per-site lists: ``data.site-paths`` (when set) and a per-site
+    ``privacy.site-cap-epsilon`` (more than one value, in a private run) list at least ``federation.num-sites``.
+
+    Raises:
+        ConfigError: naming the key, its count and the number of sites.
+    """
+    sites = cfg.federation.num_sites
+    paths, caps = len(cfg.data.site_entries), len(cfg.privacy.site_caps)
+    if 0 < paths < sites:
+        raise ConfigError(f"config key 'data.site-paths' lists {paths} sites, but federation.num-sites is {sites}; "
+                          "give one format:path entry per site", key="data.site-paths")
+    if cfg.privacy.enabled and 1 < caps < sites:
+        raise ConfigError(f"config key 'privacy.site-cap-epsilon' lists {caps} caps, but federation.num-sites is "
+                          f"{sites}; give one cap for all sites or one per site", key="privacy.site-cap-epsilon")
 
 
 def run_simulation(
@@ -66,9 +82,12 @@ def run_simulation(
         timeout: give up after this many seconds (default: rounds x round timeout + 10 min).
 
     Raises:
+        ConfigError: before Flower starts: a per-site list shorter than the sites (:func:`check_site_lists`), a run
+            the simulated sites would refuse, or a run folder that exists (or has nothing to resume).
         MedfedError: the run did not reach ``finished:completed``; the message carries Flower's status and the
             end of the server log.
     """
+    check_site_lists(cfg)
     check_simulation(cfg)
     cfg = resolve_for_federation(cfg)
     run = RunDir(Path(cfg.output.dir) / cfg.output.name)

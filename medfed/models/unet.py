@@ -6,6 +6,8 @@ GroupNorm (no BatchNorm, no buffers) and passes Opacus' ``ModuleValidator``.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 from monai.networks.nets import DiffusionModelUNet
@@ -68,6 +70,12 @@ def build_unet(preset: str, channels: int, num_classes: int = 0) -> DiffusionMod
         norm_num_groups=p.norm_num_groups,
         num_class_embeds=num_classes + 1 if num_classes > 0 else None,
     )
+
+
+@functools.lru_cache(maxsize=16)
+def state_shapes(preset: str, channels: int, num_classes: int = 0) -> tuple[tuple[int, ...], ...]:
+    """Shapes of :func:`build_unet`'s ``state_dict`` tensors, in order (the model is built once per process)."""
+    return tuple(tuple(t.shape) for t in build_unet(preset, channels, num_classes).state_dict().values())
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -63,14 +63,15 @@ def words(text: str | None) -> tuple[str, ...] | None:
     return None if text is None else tuple(v.strip() for v in text.split(",") if v.strip())
 
 
-def setup_given(**given: Any) -> dict[str, Any]:
-    """The shared options as :class:`StudySetup` fields (``sets`` -> ``overrides``)."""
-    from medfed.config import parse_overrides
-
-    sets = given.pop("sets")
-    if sets:
-        given["overrides"] = tuple(parse_overrides(sets).items())
-    return given
+def config_options(dataset: str | None, limit: int | None, image_size: int | None, channels: int | None,
+                   preset: str | None, rounds: int | None, local_epochs: int | None, batch_size: int | None,
+                   lr: float | None, epsilon: float | None, cap_epsilon: float | None, seed: int | None,
+                   device: str | None) -> dict[str, object | None]:
+    """The shared options that set the study's base config, by flag (see
+    :data:`medfed.config.OPTION_KEYS`); the others are study settings."""
+    return {"--dataset": dataset, "--limit": limit, "--image-size": image_size, "--channels": channels,
+            "--preset": preset, "--rounds": rounds, "--local-epochs": local_epochs, "--batch-size": batch_size,
+            "--lr": lr, "--epsilon": epsilon, "--cap-epsilon": cap_epsilon, "--seed": seed, "--device": device}
 
 
 def command_line() -> str:
@@ -102,19 +103,19 @@ def clients(
     across 3 to 50 sites, IID and Dirichlet, with and without DP. Default: 3/5/10 sites, about 30 min on 2 cores."""
     from medfed.errors import ConfigError
     from medfed.studies import clients as study
-    from medfed.studies.common import with_given
+    from medfed.studies.settings import with_given
 
     arms = words(privacy)
     if arms is not None and (not arms or set(arms) - {"dp", "none"}):
         raise ConfigError(f"--privacy '{privacy}': give dp, none or dp,none")
-    options = with_given((study.full_options if full else study.small_options)(data_path), {
-        **setup_given(dataset=dataset, limit=limit, image_size=image_size, channels=channels, preset=preset,
-                      rounds=rounds, local_epochs=local_epochs, batch_size=batch_size, lr=lr, target_epsilon=epsilon,
-                      cap_epsilon=cap_epsilon, feature_network=feature_network, classifier_epochs=classifier_epochs,
-                      num_samples=num_samples, sample_steps=sample_steps, seed=seed, device=device,
-                      parallel_sites=parallel_sites, cpus_per_site=cpus_per_site, sets=sets),
-        "site_counts": numbers(sites, "--sites"), "partitions": words(partitions), "beta": beta,
-        "private": None if arms is None else tuple(a == "dp" for a in dict.fromkeys(arms))})
+    options = with_given(
+        (study.full_options if full else study.small_options)(data_path),
+        config_options(dataset, limit, image_size, channels, preset, rounds, local_epochs, batch_size, lr, epsilon,
+                       cap_epsilon, seed, device), sets,
+        feature_network=feature_network, classifier_epochs=classifier_epochs, num_samples=num_samples,
+        sample_steps=sample_steps, parallel_sites=parallel_sites, cpus_per_site=cpus_per_site,
+        site_counts=numbers(sites, "--sites"), partitions=words(partitions), beta=beta,
+        private=None if arms is None else tuple(a == "dp" for a in dict.fromkeys(arms)))
     finish(study.run_clients_study(options, out=out, command=command_line()))
 
 
@@ -140,16 +141,16 @@ def personalization(
     """Per-site scores of the global model, the global model fine-tuned at each site with DP charged to its own
     ledger, and a local-only model, on each site's own test images."""
     from medfed.studies import personalization as study
-    from medfed.studies.common import with_given
+    from medfed.studies.settings import with_given
 
-    options = with_given((study.full_options if full else study.small_options)(data_path), {
-        **setup_given(dataset=dataset, limit=limit, image_size=image_size, channels=channels, preset=preset,
-                      rounds=rounds, local_epochs=local_epochs, batch_size=batch_size, lr=lr, target_epsilon=epsilon,
-                      cap_epsilon=cap_epsilon, feature_network=feature_network, classifier_epochs=classifier_epochs,
-                      num_samples=num_samples, sample_steps=sample_steps, seed=seed, device=device,
-                      parallel_sites=parallel_sites, cpus_per_site=cpus_per_site, sets=sets),
-        "sites": sites, "partition": partition, "beta": beta, "finetune_epochs": finetune_epochs,
-        "finetune_epsilon": finetune_epsilon})
+    options = with_given(
+        (study.full_options if full else study.small_options)(data_path),
+        config_options(dataset, limit, image_size, channels, preset, rounds, local_epochs, batch_size, lr, epsilon,
+                       cap_epsilon, seed, device), sets,
+        feature_network=feature_network, classifier_epochs=classifier_epochs, num_samples=num_samples,
+        sample_steps=sample_steps, parallel_sites=parallel_sites, cpus_per_site=cpus_per_site,
+        sites=sites, partition=partition, beta=beta, finetune_epochs=finetune_epochs,
+        finetune_epsilon=finetune_epsilon)
     finish(study.run_personalization_study(options, out=out, command=command_line()))
 
 
@@ -176,14 +177,13 @@ def lightweight(
     """Presets smaller than tiny, fewer DDIM steps and a TorchScript export for edge sites: parameters, size on
     disk, peak memory, latency per image and FID for each."""
     from medfed.studies import lightweight as study
-    from medfed.studies.common import with_given
+    from medfed.studies.settings import with_given
 
-    options = with_given((study.full_options if full else study.small_options)(data_path), {
-        **setup_given(dataset=dataset, limit=limit, image_size=image_size, channels=channels, rounds=rounds,
-                      local_epochs=local_epochs, batch_size=batch_size, lr=lr, target_epsilon=epsilon,
-                      cap_epsilon=cap_epsilon, feature_network=feature_network, classifier_epochs=classifier_epochs,
-                      num_samples=num_samples, seed=seed, device=device, parallel_sites=parallel_sites,
-                      cpus_per_site=cpus_per_site, sets=sets),
-        "presets": words(presets), "step_counts": numbers(steps, "--steps"), "sites": sites,
-        "edge_images": edge_images, "precision": precision})
+    options = with_given(
+        (study.full_options if full else study.small_options)(data_path),
+        config_options(dataset, limit, image_size, channels, None, rounds, local_epochs, batch_size, lr, epsilon,
+                       cap_epsilon, seed, device), sets,
+        feature_network=feature_network, classifier_epochs=classifier_epochs, num_samples=num_samples,
+        parallel_sites=parallel_sites, cpus_per_site=cpus_per_site, presets=words(presets),
+        step_counts=numbers(steps, "--steps"), sites=sites, edge_images=edge_images, precision=precision)
     finish(study.run_lightweight_study(options, out=out, command=command_line()))

@@ -10,6 +10,7 @@ whole test split on the study's named feature network; epsilon is what each site
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from medfed.config import RunConfig, to_flat
+from medfed.config import RunConfig, to_flat, validate
 from medfed.errors import ConfigError
 from medfed.federation.partition import partition
 from medfed.federation.server import privacy_label
@@ -27,7 +28,6 @@ from medfed.runs import RunDir
 from medfed.studies.common import (
     NOT_PRIVATE,
     CpuMeter,
-    StudySetup,
     announce,
     document,
     federated_run,
@@ -38,13 +38,13 @@ from medfed.studies.common import (
     prepare_scorer,
     reported_epsilons,
     round_records,
-    run_config,
     sample_checkpoint,
     sample_grid,
     simulated_ledgers,
     study_header,
     write_study,
 )
+from medfed.studies.settings import StudySetup, run_config, study_base
 
 NAME = "clients"
 PLOT = "clients.png"
@@ -72,13 +72,13 @@ class ClientsOptions:
 
 def small_options(data_path: str) -> ClientsOptions:
     """The default: 600 training images, micro UNet, 2 rounds, 3/5/10 sites (about 30 minutes on 2 CPU cores)."""
-    return ClientsOptions(StudySetup(data_path=data_path))
+    return ClientsOptions(StudySetup(study_base(data_path)))
 
 
 def full_options(data_path: str) -> ClientsOptions:
     """``--full``, for a GPU machine: the whole train split, tiny UNet, 20 rounds, 3/5/10/20/50 sites, 1,000
     samples with 50 DDIM steps, four sites training at once."""
-    return ClientsOptions(StudySetup(data_path=data_path, limit=0, preset="tiny", rounds=20, lr=2e-4,
+    return ClientsOptions(StudySetup(study_base(data_path, limit=0, preset="tiny", rounds=20, lr=2e-4),
                                      num_samples=1000, sample_steps=50, parallel_sites=4, cpus_per_site=4),
                           site_counts=(3, 5, 10, 20, 50))
 
@@ -111,6 +111,18 @@ def check_options(options: ClientsOptions) -> None:
         raise ConfigError(f"--beta {options.beta:g}: must be > 0")
 
 
+def setting_config(cfg: RunConfig, s: Setting, beta: float) -> RunConfig:
+    """The study's run config ``cfg`` for setting ``s``: its sites and split, DP-SGD on or off (the simulated
+    sites' policy requires DP exactly in the DP arm); checked."""
+    cfg = dataclasses.replace(
+        cfg, federation=dataclasses.replace(cfg.federation, num_sites=s.sites, partition=s.partition,
+                                            dirichlet_beta=beta),
+        privacy=dataclasses.replace(cfg.privacy, enabled=s.private),
+        policy=dataclasses.replace(cfg.policy, require_dp=s.private))
+    validate(cfg)
+    return cfg
+
+
 def settings_of(options: ClientsOptions) -> list[Setting]:
     return [Setting(n, p, private) for n in sorted(set(options.site_counts)) for p in options.partitions
             for private in options.private]
@@ -135,11 +147,8 @@ def run_clients_study(options: ClientsOptions, out: str | Path | None = None, co
     train, test, device, folder = open_study(NAME, setup, out)
     plans: list[tuple[Setting, RunConfig, list[np.ndarray]]] = []
     for s in settings_of(options):  # every config and split is checked before the first run starts
-        cfg = run_config(setup, folder, s.name, train.image_shape, {
-            "federation.num-sites": s.sites, "federation.partition": s.partition,
-            "federation.dirichlet-beta": options.beta, "privacy.enabled": s.private,
-            "policy.require-dp": s.private})
-        shards = partition(train.labels.numpy(), s.sites, s.partition, options.beta, seed=setup.seed)
+        cfg = setting_config(run_config(setup, folder, s.name, train.image_shape), s, options.beta)
+        shards = partition(train.labels.numpy(), s.sites, s.partition, options.beta, seed=cfg.train.seed)
         plans.append((s, cfg, shards))
     payload = study_header(NAME, options, command)
     payload.update({"training_images": len(train), "training_source": train.name, "results": []})

@@ -1,5 +1,6 @@
 """What every study shares: its folder and report files, the machine it ran on, the CPU time of its Flower
-processes, the named feature network that scores it, federated runs and what the sites' ledgers say.
+processes, the named feature network that scores it, federated runs and what the sites' ledgers say. Its settings
+and the run configs derived from them are :mod:`medfed.studies.settings`.
 
 A study folder (``runs/study-<name>-<timestamp>/`` or ``--out``) holds:
 
@@ -14,7 +15,6 @@ A study folder (``runs/study-<name>-<timestamp>/`` or ``--out``) holds:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -28,96 +28,21 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from medfed.config import DataConfig, RunConfig, from_dict, from_flat
-from medfed.datasets import ImageDataset, load_dataset
+from medfed.config import RunConfig, from_dict
+from medfed.datasets import ImageDataset
 from medfed.devices import describe_machine, resolve_device
 from medfed.errors import ConfigError, MedfedError
 from medfed.evaluation.features import FeatureNetwork, FeatureSet, extract_features, load_feature_network
 from medfed.evaluation.metrics import compute_scores
 from medfed.contracts import RoundRecord
 from medfed.runs import RunDir
+from medfed.studies.settings import CLASSIFIER, StudySetup, check_setup, load_split, options_record
 
 STUDY_FILE = "study.json"
 REPORT_FILE = "report.md"
-CLASSIFIER = "classifier"
 NOT_PRIVATE = "NOT PRIVATE"
 
 console = Console(stderr=True, soft_wrap=True)
-
-
-@dataclass(frozen=True)
-class StudySetup:
-    """Settings every study shares; each study's options hold one.
-
-    Attributes:
-        data_path: real, labelled images with ``train`` and ``test`` splits (e.g. a MedMNIST ``.npz``).
-        dataset: their format (``data.dataset``: npz, idx, folder, ...).
-        limit: training images in total, over all sites (a seeded subset of the train split); 0 = all.
-        image_size, channels: resize / convert the images (0 = native).
-        preset: UNet preset of the federated runs (``model.preset``).
-        rounds, local_epochs: FedAvg rounds, local epochs per round.
-        batch_size, lr: local training (``train.batch-size``, ``train.lr``).
-        target_epsilon: the epsilon each site plans its noise for over one federated run.
-        cap_epsilon: each simulated site's cap over everything its ledger records.
-        feature_network: ``classifier`` (medfed's domain classifier, trained for the study on the train split of
-            the same dataset and measured on its test split), ``fid-helper``, ``inception`` or a classifier file.
-        classifier_epochs: training epochs of that classifier.
-        num_samples: generated images behind every score.
-        sample_steps: DDIM steps of every sample drawn for a score.
-        seed: seed of runs, partitions, initial weights and sampling.
-        device: ``auto``, ``cpu`` or ``cuda``.
-        parallel_sites, cpus_per_site: Flower simulation resources (Ray actors and their CPU threads).
-        overrides: ``section.key=value`` settings laid over every federated run's config, last.
-    """
-
-    data_path: str
-    dataset: str = "npz"
-    limit: int = 600
-    image_size: int = 0
-    channels: int = 0
-    preset: str = "micro"
-    rounds: int = 2
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 1e-3
-    target_epsilon: float = 8.0
-    cap_epsilon: float = 10.0
-    feature_network: str = CLASSIFIER
-    classifier_epochs: int = 3
-    num_samples: int = 256
-    sample_steps: int = 20
-    seed: int = 0
-    device: str = "auto"
-    parallel_sites: int = 1
-    cpus_per_site: int = 2
-    overrides: tuple[tuple[str, str], ...] = ()
-
-
-def check_setup(setup: StudySetup) -> None:
-    """Range checks, naming the option; the data and the feature network are checked when loaded."""
-    checks = [
-        (setup.limit >= 0, "--limit", "must be >= 0 (0 = all training images)"),
-        (setup.rounds >= 1, "--rounds", "must be >= 1"),
-        (setup.local_epochs >= 1, "--local-epochs", "must be >= 1"),
-        (setup.num_samples >= 2, "--num-samples", "must be >= 2 (FID needs two images on each side)"),
-        (setup.sample_steps >= 1, "--sample-steps", "must be >= 1"),
-        (setup.classifier_epochs >= 1, "--classifier-epochs", "must be >= 1"),
-        (setup.cap_epsilon >= setup.target_epsilon, "--cap-epsilon",
-         f"({setup.cap_epsilon:g}) must be at least --epsilon ({setup.target_epsilon:g}), or every site refuses"),
-        (setup.parallel_sites >= 1 and setup.cpus_per_site >= 1, "--parallel-sites/--cpus-per-site", "must be >= 1"),
-    ]
-    for ok, option, message in checks:
-        if not ok:
-            raise ConfigError(f"{option} {message}")
-
-
-def with_given(options: Any, given: Mapping[str, object]) -> Any:
-    """``options`` (a study's options, holding ``setup``) with the given non-None fields replaced; a field name
-    of :class:`StudySetup` goes to ``options.setup``."""
-    setup_fields = {f.name for f in dataclasses.fields(StudySetup)}
-    values = {k: v for k, v in given.items() if v is not None}
-    setup = dataclasses.replace(options.setup, **{k: v for k, v in values.items() if k in setup_fields})
-    return dataclasses.replace(options, setup=setup, **{k: v for k, v in values.items() if k not in setup_fields})
 
 
 # ------------------------------------------------------------------------------------------- folder and report
@@ -135,7 +60,7 @@ def study_folder(name: str, out: str | Path | None) -> Path:
 def study_header(name: str, options: Any, command: str) -> dict[str, Any]:
     """The opening fields of ``study.json``: what ran, where, with which options."""
     return {"study": name, "command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": describe_machine(), "options": dataclasses.asdict(options), "complete": False}
+            "machine": describe_machine(), "options": options_record(options), "complete": False}
 
 
 def write_study(folder: Path, payload: dict[str, Any], markdown: Callable[[dict[str, Any]], str], start: float,
@@ -256,55 +181,13 @@ class CpuMeter:
 
 def open_study(name: str, setup: StudySetup, out: str | Path | None) -> tuple[ImageDataset, ImageDataset,
                                                                              torch.device, Path]:
-    """Check the setup and load the data (the train split's ``setup.limit`` subset, the whole test split) before
+    """Check the setup and load the data (the train split's ``data.limit`` subset, the whole test split) before
     creating the study folder, so bad input leaves nothing behind. Returns train, test, device and folder."""
     check_setup(setup)
-    train = load_split(setup, "train", setup.limit)
+    train = load_split(setup, "train", setup.base.data.limit)
     test = load_split(setup, "test")
-    device = resolve_device(setup.device)
+    device = resolve_device(setup.base.train.device)
     return train, test, device, study_folder(name, out)
-
-
-def data_path(setup: StudySetup) -> str:
-    """The data path made absolute: Flower runs the sites in other working folders."""
-    return str(Path(setup.data_path).expanduser().resolve()) if setup.data_path else ""
-
-
-def data_config(setup: StudySetup, split: str, limit: int = 0) -> DataConfig:
-    return DataConfig(dataset=setup.dataset, path=data_path(setup), split=split, image_size=setup.image_size,
-                      channels=setup.channels, limit=limit)
-
-
-def load_split(setup: StudySetup, split: str, limit: int = 0) -> ImageDataset:
-    """The study's images of ``split`` (``limit`` > 0: a seeded subset); they must carry class labels."""
-    data = load_dataset(data_config(setup, split, limit), seed=setup.seed)
-    if bool((data.labels < 0).any()):
-        raise ConfigError(f"{setup.data_path}: the studies need class labels (Dirichlet splits and the domain "
-                          f"classifier); {data.name} has images without one")
-    return data
-
-
-def run_config(setup: StudySetup, folder: Path, name: str, image_shape: tuple[int, int, int],
-               flat: Mapping[str, object] | None = None) -> RunConfig:
-    """The config of one federated run of the study: the setup, then ``flat``, then ``setup.overrides``.
-
-    Runs go to ``<folder>/runs/<name>``; the simulated sites' ledgers to ``<folder>/site-state`` (unless ``flat``
-    sets ``privacy.site-state-root``). The server writes one 16-image sample grid, after the last round.
-    """
-    base: dict[str, object] = {
-        "data.dataset": setup.dataset, "data.path": data_path(setup), "data.limit": setup.limit,
-        "data.image-size": image_shape[1], "data.channels": image_shape[0],
-        "model.preset": setup.preset, "train.batch-size": setup.batch_size, "train.lr": setup.lr,
-        "train.seed": setup.seed, "train.device": setup.device, "train.num-samples": 16,
-        "federation.rounds": setup.rounds, "federation.local-epochs": setup.local_epochs,
-        "federation.sample-every": 0, "diffusion.sampler": "ddim", "diffusion.sample-steps": setup.sample_steps,
-        "privacy.target-epsilon": setup.target_epsilon, "privacy.site-cap-epsilon": str(setup.cap_epsilon),
-        "privacy.site-state-root": str(folder / "site-state"),
-        "output.dir": str(folder / "runs"), "output.name": name,
-    }
-    base.update(flat or {})
-    base.update(dict(setup.overrides))
-    return from_flat(base)
 
 
 def federated_run(cfg: RunConfig, setup: StudySetup, show_progress: bool = True) -> tuple[RunDir, RunConfig]:
@@ -411,10 +294,10 @@ def prepare_scorer(setup: StudySetup, folder: Path, device: torch.device, show_p
 
     spec = setup.feature_network
     if spec == CLASSIFIER:
-        announce(f"training the domain classifier (feature network) on the train split of {setup.data_path}")
+        announce(f"training the domain classifier (feature network) on the train split of {setup.base.data.path}")
         train, test = load_split(setup, "train"), load_split(setup, "test")
-        trained = train_classifier(train, test, dataset=setup.data_path, epochs=setup.classifier_epochs,
-                                   seed=setup.seed, device=device, show_progress=show_progress)
+        trained = train_classifier(train, test, dataset=setup.base.data.path, epochs=setup.classifier_epochs,
+                                   seed=setup.base.train.seed, device=device, show_progress=show_progress)
         path = save_classifier(trained, folder / "feature-classifier.pt")
         network = load_feature_network(str(path), device=device)  # the saved, hash-checked file
         record = {"file": str(path), **network.info}
@@ -422,7 +305,7 @@ def prepare_scorer(setup: StudySetup, folder: Path, device: torch.device, show_p
         network = load_feature_network(spec, device=device)
         record = {"file": spec if Path(spec).expanduser().is_file() else "", **getattr(network, "info", {})}
     record.update({"name": network.name, "spec": spec})
-    return Scorer(network=network, record=record, seed=setup.seed)
+    return Scorer(network=network, record=record, seed=setup.base.train.seed)
 
 
 def network_line(record: Mapping[str, Any]) -> str:
@@ -439,11 +322,13 @@ def network_line(record: Mapping[str, Any]) -> str:
 def sample_model(model: torch.nn.Module, cfg: RunConfig, setup: StudySetup, image_shape: tuple[int, int, int],
                  device: torch.device, show_progress: bool = True, num: int | None = None) -> torch.Tensor:
     """``setup.num_samples`` (or ``num``) images (N, C, H, W) in [-1, 1] from ``model``: DDIM with
-    ``setup.sample_steps`` steps, seeded by ``setup.seed``, through :func:`medfed.diffusion.sample_images`."""
+    ``setup.sample_steps`` steps, seeded by the base's ``train.seed``, through
+    :func:`medfed.diffusion.sample_images`."""
     from medfed.diffusion import sample_images
 
     return sample_images(model.to(device), cfg.diffusion, num or setup.num_samples, image_shape, device=device,
-                         seed=setup.seed, sampler="ddim", steps=setup.sample_steps, show_progress=show_progress)
+                         seed=setup.base.train.seed, sampler="ddim", steps=setup.sample_steps,
+                         show_progress=show_progress)
 
 
 def sample_checkpoint(path: Path, setup: StudySetup, device: torch.device,

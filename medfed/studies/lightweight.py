@@ -17,6 +17,7 @@ less.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medfed.config import RunConfig, to_flat
+from medfed.config import RunConfig, to_flat, validate
 from medfed.diffusion import sample_images
 from medfed.errors import ConfigError
 from medfed.generate import load_model
@@ -36,7 +37,6 @@ from medfed.studies.edge import measure_fresh_process
 from medfed.studies.common import (
     NOT_PRIVATE,
     CpuMeter,
-    StudySetup,
     announce,
     document,
     federated_run,
@@ -46,12 +46,12 @@ from medfed.studies.common import (
     open_study,
     prepare_scorer,
     round_records,
-    run_config,
     sample_grid,
     simulated_ledgers,
     study_header,
     write_study,
 )
+from medfed.studies.settings import StudySetup, run_config, study_base
 
 NAME = "lightweight"
 PLOT = "lightweight.png"
@@ -60,10 +60,12 @@ MIB = 1024 * 1024
 
 @dataclass(frozen=True)
 class LightweightOptions:
-    """The lightweight-model study (``setup.sample_steps`` is not used: ``step_counts`` are).
+    """The lightweight-model study (``setup.sample_steps`` sets only each run's sample grid: scores use
+    ``step_counts``).
 
     Attributes:
-        setup: data, federated training, privacy and scoring settings (``setup.preset`` is not used).
+        setup: data, federated training, privacy and scoring settings (``setup.base.model.preset`` is not used:
+            ``presets`` are).
         presets: UNet presets to train and export.
         step_counts: DDIM steps to sample each exported model with.
         sites: simulated sites of each federated run.
@@ -81,13 +83,13 @@ class LightweightOptions:
 
 def small_options(data_path: str) -> LightweightOptions:
     """The default: 1,000 training images over 3 sites, 3 rounds; micro, nano and pico; 50, 20 and 10 steps."""
-    return LightweightOptions(StudySetup(data_path=data_path, limit=1000, rounds=3))
+    return LightweightOptions(StudySetup(study_base(data_path, limit=1000, rounds=3)))
 
 
 def full_options(data_path: str) -> LightweightOptions:
     """``--full``, for a GPU machine: the whole train split, 20 rounds, every preset up to ``small``, 100 to 5
     DDIM steps, 1,000 samples."""
-    return LightweightOptions(StudySetup(data_path=data_path, limit=0, rounds=20, lr=2e-4, num_samples=1000,
+    return LightweightOptions(StudySetup(study_base(data_path, limit=0, rounds=20, lr=2e-4), num_samples=1000,
                                          parallel_sites=2, cpus_per_site=4),
                               presets=("small", "tiny", "micro", "nano", "pico"), step_counts=(100, 50, 20, 10, 5),
                               edge_images=16)
@@ -104,6 +106,18 @@ def check_options(options: LightweightOptions) -> None:
                           "site the other's update)")
     if options.edge_images < 1:
         raise ConfigError(f"--edge-images {options.edge_images}: must be >= 1")
+
+
+def preset_config(cfg: RunConfig, preset: str, sites: int) -> RunConfig:
+    """The study's run config ``cfg`` for ``preset`` over ``sites`` sites, with its own ledgers
+    (``<site-state-root>/<preset>``: a site deploys one of these models; training all of them on the same images
+    would compose their budgets, and soon meet the cap); checked."""
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, preset=preset),
+        federation=dataclasses.replace(cfg.federation, num_sites=sites),
+        privacy=dataclasses.replace(cfg.privacy, site_state_root=str(Path(cfg.privacy.site_state_root) / preset)))
+    validate(cfg)
+    return cfg
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -171,14 +185,12 @@ def run_lightweight_study(options: LightweightOptions, out: str | Path | None = 
     from medfed.diffusion.sampling import resolve_precision
 
     setup = options.setup
+    seed = setup.base.train.seed
     check_options(options)
     train, test, device, folder = open_study(NAME, setup, out)
     precision = resolve_precision(options.precision, device)
-    # One ledger folder per preset: a site deploys one of these models; training all of them on the same images
-    # would compose their budgets (and soon meet the cap).
-    configs = {p: run_config(setup, folder, f"preset-{p}", train.image_shape, {
-        "model.preset": p, "federation.num-sites": options.sites,
-        "privacy.site-state-root": str(folder / "site-state" / p)}) for p in options.presets}
+    configs = {p: preset_config(run_config(setup, folder, f"preset-{p}", train.image_shape), p, options.sites)
+               for p in options.presets}
     payload = study_header(NAME, options, command)
     payload.update({"training_images": len(train), "precision": precision, "presets": [], "results": []})
     start = time.perf_counter()
@@ -198,21 +210,21 @@ def run_lightweight_study(options: LightweightOptions, out: str | Path | None = 
             cpu = torch.device("cpu")
             export = export_torchscript(copy.deepcopy(model).to(cpu), shape,
                                         folder / "edge" / f"{preset}.torchscript.pt", cpu, used.diffusion.timesteps,
-                                        setup.seed)
+                                        seed)
             measured = export if device.type == "cpu" else export_torchscript(
                 model, shape, folder / "edge" / f"{preset}.{device.type}.torchscript.pt", device,
-                used.diffusion.timesteps, setup.seed)
+                used.diffusion.timesteps, seed)
             edge = load_exported(measured["file"], device)
             for num, batch_size in ((setup.num_samples, None), (1, 1)):  # every batch shape timed below
                 for _ in range(2):  # the TorchScript executor profiles, then optimises, the first calls of a shape
-                    sample_images(edge, used.diffusion, num, shape, device=device, seed=setup.seed, sampler="ddim",
+                    sample_images(edge, used.diffusion, num, shape, device=device, seed=seed, sampler="ddim",
                                   steps=2, batch_size=batch_size, precision=precision)
             announce(f"[{index}/{len(configs)}] preset {preset}: peak memory in fresh processes (CPU)")
             fresh = {name: measure_fresh_process(Path(export["file"]), used.diffusion, shape, min(options.step_counts),
-                                                 setup.seed, precision, num=num, batch_size=batch_size)
+                                                 seed, precision, num=num, batch_size=batch_size)
                      for name, num, batch_size in (("one_image", 1, 1), ("batch", setup.num_samples, None))}
-            eager = timed_sampling(model, used, 8, shape, min(options.step_counts), device, setup.seed, precision)
-            exported = timed_sampling(edge, used, 8, shape, min(options.step_counts), device, setup.seed, precision)
+            eager = timed_sampling(model, used, 8, shape, min(options.step_counts), device, seed, precision)
+            exported = timed_sampling(edge, used, 8, shape, min(options.step_counts), device, seed, precision)
             records = round_records(run)
             ledgers = simulated_ledgers(used) if used.privacy.enabled else {}
             payload["presets"].append({
@@ -227,9 +239,9 @@ def run_lightweight_study(options: LightweightOptions, out: str | Path | None = 
             for steps in sorted(options.step_counts, reverse=True):
                 announce(f"[{index}/{len(configs)}] preset {preset}: {setup.num_samples} samples with {steps} "
                          "DDIM steps (exported model)")
-                batch = timed_sampling(edge, used, setup.num_samples, shape, steps, device, setup.seed, precision,
+                batch = timed_sampling(edge, used, setup.num_samples, shape, steps, device, seed, precision,
                                        show_progress=show_progress)
-                single = [timed_sampling(edge, used, 1, shape, steps, device, setup.seed + 1 + i, precision,
+                single = [timed_sampling(edge, used, 1, shape, steps, device, seed + 1 + i, precision,
                                          batch_size=1) for i in range(options.edge_images)]
                 payload["results"].append({
                     "preset": preset, "steps": steps, "feature_network": scorer.name,

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from medfed.checkpoint import Checkpoint, save_checkpoint
-from medfed.config import RunConfig, to_flat
+from medfed.config import RunConfig, to_flat, validate
 from medfed.datasets import ImageDataset
 from medfed.errors import ConfigError
 from medfed.evaluation.features import FeatureSet
@@ -49,7 +49,6 @@ from medfed.studies.clients import PARTITIONS
 from medfed.studies.common import (
     CpuMeter,
     Scorer,
-    StudySetup,
     announce,
     bar_plot,
     document,
@@ -60,12 +59,12 @@ from medfed.studies.common import (
     network_line,
     open_study,
     prepare_scorer,
-    run_config,
     sample_grid,
     sample_model,
     study_header,
     write_study,
 )
+from medfed.studies.settings import StudySetup, run_config, study_base
 
 NAME = "personalization"
 PLOT = "personalization.png"
@@ -96,13 +95,13 @@ class PersonalizationOptions:
 
 def small_options(data_path: str) -> PersonalizationOptions:
     """The default: 1,200 training images over 3 Dirichlet sites, micro UNet, 3 rounds, 2 fine-tuning epochs."""
-    return PersonalizationOptions(StudySetup(data_path=data_path, limit=1200, rounds=3))
+    return PersonalizationOptions(StudySetup(study_base(data_path, limit=1200, rounds=3)))
 
 
 def full_options(data_path: str) -> PersonalizationOptions:
     """``--full``, for a GPU machine: the whole train split over 5 sites, tiny UNet, 20 rounds, 5 fine-tuning
     epochs, 500 samples per model with 50 DDIM steps."""
-    return PersonalizationOptions(StudySetup(data_path=data_path, limit=0, preset="tiny", rounds=20, lr=2e-4,
+    return PersonalizationOptions(StudySetup(study_base(data_path, limit=0, preset="tiny", rounds=20, lr=2e-4),
                                              num_samples=500, sample_steps=50, parallel_sites=4, cpus_per_site=4),
                                   sites=5, finetune_epochs=5)
 
@@ -119,6 +118,9 @@ def check_options(options: PersonalizationOptions) -> None:
         raise ConfigError(f"--finetune-epochs {options.finetune_epochs}: must be >= 1")
     if options.finetune_epsilon <= 0:
         raise ConfigError(f"--finetune-epsilon {options.finetune_epsilon:g}: must be > 0")
+    if not options.setup.base.privacy.enabled:
+        raise ConfigError("privacy.enabled=false: the personalization study charges DP fine-tuning to each site's "
+                          "ledger and needs DP on")
 
 
 def deal_like(test_labels: np.ndarray, site_train_labels: list[np.ndarray], seed: int) -> list[np.ndarray]:
@@ -174,6 +176,17 @@ def write_site_files(folder: Path, train: ImageDataset, test: ImageDataset, opti
     return paths
 
 
+def federated_config(cfg: RunConfig, options: PersonalizationOptions, files: list[Path]) -> RunConfig:
+    """The study's run config ``cfg`` for its federated run: each site reads its own ``.npz`` of ``files``
+    (``data.site-paths``, instead of a split of one dataset); checked."""
+    cfg = dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, path="", limit=0, site_paths=";".join(f"npz:{p}" for p in files)),
+        federation=dataclasses.replace(cfg.federation, num_sites=options.sites, partition=options.partition,
+                                       dirichlet_beta=options.beta))
+    validate(cfg)
+    return cfg
+
+
 def stage_config(cfg: RunConfig, suffix: str, local_epochs: int, target_epsilon: float) -> RunConfig:
     """``cfg`` for one local DP-SGD stage at a site: one "round" of ``local_epochs``, planned for
     ``target_epsilon``, recorded in ledgers under the run name ``<run>-<suffix>``."""
@@ -190,14 +203,8 @@ def run_personalization_study(options: PersonalizationOptions, out: str | Path |
     setup = options.setup
     check_options(options)
     train, test, device, folder = open_study(NAME, setup, out)
-    files = write_site_files(folder / "site-data", train, test, options, setup.seed)
-    cfg = run_config(setup, folder, "federated", train.image_shape, {
-        "data.path": "", "data.limit": 0, "data.site-paths": ";".join(f"npz:{p}" for p in files),
-        "federation.num-sites": options.sites, "federation.partition": options.partition,
-        "federation.dirichlet-beta": options.beta})
-    if not cfg.privacy.enabled:
-        raise ConfigError("privacy.enabled=false: the personalization study charges DP fine-tuning to each site's "
-                          "ledger and needs DP on")
+    files = write_site_files(folder / "site-data", train, test, options, setup.base.train.seed)
+    cfg = federated_config(run_config(setup, folder, "federated", train.image_shape), options, files)
     payload = study_header(NAME, options, command)
     payload.update({"site_files": [str(p) for p in files], "sites": []})
     start = time.perf_counter()
@@ -342,7 +349,7 @@ def markdown(payload: dict[str, Any]) -> str:
         md_table(header, rows), "",
         f"![FID and KID per site]({PLOT})", "",
         "- epsilon: what the site's verified ledger records at delta "
-        f"{payload['config']['privacy.delta'] if 'config' in payload else ''} after each stage (RDP composition "
+        f"{sites[0]['models']['global']['ledger']['delta'] if sites else ''} after each stage (RDP composition "
         "of all its entries, so the personalized model's epsilon includes the federated rounds).",
         "- FID from a few hundred samples against a site's test images is biased upward (more so for small "
         "sites); compare the three models within a row.",
