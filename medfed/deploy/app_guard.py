@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import tomli_w
 
 from medfed import __version__
+from medfed.contracts import Reason, Refusal
 from medfed.deploy.pki import write_private
 from medfed.errors import ConfigError, MedfedError
 from medfed.launch.flower_app import CLIENT_APP, SERVER_APP, flower_app_fab, run_config_from_app_table
@@ -320,9 +321,9 @@ def run_task(runtime_address: str, token: str, site: str, approvals: Path | None
                   f"Kept for inspection in {refused_dir}{hint}", flush=True)
             write_private(refused_dir / f"{check.sha256}.fab", fab.content, overwrite=True)
             reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=details), reply_to=message)
-    except Exception as ex:  # noqa: BLE001 - reported to the server as Flower's flwr-clientapp reports it
-        details = str(type(ex)) + ":<'" + str(ex) + "'>"
-        print(f"ClientApp raised an exception: {details}", flush=True)
+    except Exception as ex:  # noqa: BLE001 - the text stays in the site's log; the coordinator gets a reason code
+        print(f"ClientApp raised an exception: {type(ex).__name__}: {ex}", flush=True)
+        details = Refusal(site, Reason.INTERNAL_ERROR).encode()
         if message is not None:
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
     finally:
