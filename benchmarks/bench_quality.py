@@ -375,11 +375,17 @@ def main() -> None:
     arms = list(ARMS) if args.arm == "all" else [int(a) for a in args.arm.split(",")]
     results_path = RESULTS / f"{args.results_name}.json"
     previous = load_results(results_path)
+    from medfed.config import DiffusionConfig
+
     results = {"budget_kind": args.budget, "arms": ARMS, "dp_epsilon": DP_EPSILON, "sites": args.sites,
+               "schedule": DiffusionConfig().schedule,
                "budgets": {k: dataclasses.asdict(v) for k, v in BUDGETS[args.budget].items()},
                "notes": "Budgets count private images processed per arm; cpu_minutes is what the non-private arms "
                         "are sized for on 2 cores, not a limit. Epsilon comes from each site's verified ledger.",
                "datasets": previous.get("datasets", {})}
+    if previous and previous.get("schedule", "linear_beta") != results["schedule"]:
+        raise SystemExit(f"{results_path}: measured with diffusion.schedule = {previous.get('schedule', 'linear_beta')}, "
+                         f"the default is now {results['schedule']}; move it aside (--results-name) and rerun")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     for name in args.dataset.split(","):
         budget, data = BUDGETS[args.budget][name], datasets()[name]

@@ -288,8 +288,12 @@ class DiffusionConfig:
 
     timesteps: int = 1000
     """Number of diffusion steps T used in training."""
-    schedule: str = "linear_beta"
-    """MONAI noise schedule: ``linear_beta``, ``scaled_linear_beta`` or ``sigmoid_beta``."""
+    schedule: str = "cosine"
+    """MONAI noise schedule: ``cosine`` (Nichol and Dhariwal 2021; ignores the beta range) or ``linear_beta``
+    (the original DDPM's, the paper's protocol), ``scaled_linear_beta``, ``sigmoid_beta`` (from ``beta-start`` to
+    ``beta-end``). Cosine keeps more of the image at mid-way steps, which small images need: the demo's public model
+    (600 steps on 500 digits) reached TSTR 0.788 and FID 232 with it against 0.689 and 631 with ``linear_beta``
+    (docs/benchmarks.md)."""
     beta_start: float = 1e-4
     """Noise variance beta_1 of the first diffusion step."""
     beta_end: float = 0.02
@@ -786,7 +790,7 @@ PRESETS = ("pico", "nano", "micro", "tiny", "small", "paper")
 the two in step); the names live here so a config is checked without importing torch."""
 DATASETS = ("embedded-mnist", "mnist", "fashion-mnist", "cifar10", "svhn", "npz", "idx", "folder", "dicom", "nifti")
 """Values of ``data.dataset``: the names :func:`medfed.datasets.load_dataset` dispatches on."""
-SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta")
+SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine")
 """MONAI noise schedules (``diffusion.schedule``)."""
 DEVICES = "auto, cpu, cuda, cuda:N"
 """Values of ``train.device`` and every ``--device`` option."""

@@ -53,7 +53,7 @@ CASES = [
     pytest.param(["config", "--set", "model.preset=huge"], "model.preset", id="config-preset"),
     pytest.param(["config", "--set", "data.dataset=foo"], "data.dataset", id="config-dataset"),
     pytest.param(["config", "--set", "train.device=tpu"], "train.device", id="config-device"),
-    pytest.param(["config", "--set", "diffusion.schedule=cosine"], "diffusion.schedule", id="config-schedule"),
+    pytest.param(["config", "--set", "diffusion.schedule=cosin"], "diffusion.schedule", id="config-schedule"),
     pytest.param(["config", "--set", "train.lr"], "train.lr", id="config-set-form"),
     pytest.param(["config", "--config", "missing.toml"], "missing.toml", id="config-file-missing"),
     pytest.param(["config", "--config", "{badtoml}"], "train.lr", id="config-file-bad-value"),

@@ -40,6 +40,25 @@ def test_samplers_run_their_step_counts(sampler, steps, expected_calls):
     assert net.calls == expected_calls
 
 
+@pytest.mark.parametrize("schedule", ["linear_beta", "cosine"])
+def test_training_and_both_samplers_share_the_schedule(schedule):
+    """The cosine schedule (no beta range) and a beta schedule give the same alphas_cumprod to training, DDPM and
+    DDIM; cosine keeps more signal mid-way (Nichol and Dhariwal 2021) and ends near pure noise."""
+    from medfed.diffusion.sampling import make_sampler
+
+    cfg = DiffusionConfig(schedule=schedule)
+    train = make_scheduler(cfg).alphas_cumprod
+    for sampler in ("ddpm", "ddim"):
+        torch.testing.assert_close(make_sampler(cfg, sampler, 10).alphas_cumprod, train)
+    assert 0 < train[-1] < 1e-3 and train[0] > 0.99 and bool((train[1:] < train[:-1]).all())
+    linear = make_scheduler(DiffusionConfig(schedule="linear_beta")).alphas_cumprod
+    if schedule == "cosine":
+        assert train[500] > 4 * linear[500]
+    net = CountingNet(build_unet("pico", 1))
+    out = sample_images(net, cfg, 2, (1, 28, 28), device=torch.device("cpu"), sampler="ddim", steps=4)
+    assert out.shape == (2, 1, 28, 28) and net.calls == 4
+
+
 def test_sampling_is_reproducible_per_seed():
     cfg = DiffusionConfig(timesteps=10, sample_steps=5)
     torch.manual_seed(0)

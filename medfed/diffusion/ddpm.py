@@ -20,15 +20,18 @@ from medfed.config import DiffusionConfig
 from medfed.errors import ConfigError
 
 
+def schedule_args(cfg: DiffusionConfig) -> dict[str, object]:
+    """MONAI scheduler arguments of ``cfg``'s noise schedule: the beta range for the beta schedules; ``cosine``
+    (Nichol and Dhariwal 2021) is defined by its ``alphas_cumprod`` alone and takes none."""
+    args: dict[str, object] = {"num_train_timesteps": cfg.timesteps, "schedule": cfg.schedule}
+    if cfg.schedule != "cosine":
+        args.update(beta_start=cfg.beta_start, beta_end=cfg.beta_end)
+    return args
+
+
 def make_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
     """The training-time noise schedule (betas, alphas_cumprod over ``cfg.timesteps`` steps)."""
-    return DDPMScheduler(
-        num_train_timesteps=cfg.timesteps,
-        schedule=cfg.schedule,
-        beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end,
-        prediction_type="epsilon",
-    )
+    return DDPMScheduler(**schedule_args(cfg), prediction_type="epsilon")
 
 
 def draw_noisy_inputs(scheduler: DDPMScheduler, x0: torch.Tensor, draws: int,

@@ -29,7 +29,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 from medfed.config import DiffusionConfig
-from medfed.diffusion.ddpm import predict_noise
+from medfed.diffusion.ddpm import predict_noise, schedule_args
 from medfed.errors import ConfigError
 from medfed.progress import progress_bar
 
@@ -78,8 +78,7 @@ def guided(predict: Callable[..., torch.Tensor], labels: torch.Tensor | None, nu
 
 def make_sampler(cfg: DiffusionConfig, sampler: str, steps: int) -> DDPMScheduler | DDIMScheduler:
     """The reverse-process scheduler: DDPM over all ``cfg.timesteps`` steps, or DDIM over ``steps`` steps."""
-    common = dict(num_train_timesteps=cfg.timesteps, schedule=cfg.schedule, beta_start=cfg.beta_start,
-                  beta_end=cfg.beta_end, prediction_type="epsilon", clip_sample=True)
+    common = dict(**schedule_args(cfg), prediction_type="epsilon", clip_sample=True)
     if sampler == "ddpm":
         scheduler: DDPMScheduler | DDIMScheduler = DDPMScheduler(**common)
         scheduler.set_timesteps(cfg.timesteps)

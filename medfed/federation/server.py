@@ -28,6 +28,7 @@ from medfed.contracts import Reason, RoundRecord, SiteOutcome, Status
 from medfed.devices import resolve_device
 from medfed.errors import ConfigError
 from medfed.diffusion import sample_images
+from medfed.diffusion.ddpm import schedule_args
 from medfed.federation.secagg import SecureRound, ask_example_counts, secure_fit_round
 from medfed.federation.site import federated_data_config
 from medfed.federation.strategy import DeltaFedAvg, RoundOutcome, failure_text
@@ -276,6 +277,11 @@ def load_initial_weights(model: torch.nn.Module, path: str, cfg: RunConfig,
     if ckpt.config.model.num_classes != cfg.model.num_classes:
         raise ConfigError(f"config key 'federation.init-checkpoint': {path} has model.num-classes = "
                           f"{ckpt.config.model.num_classes}; this run has {cfg.model.num_classes}")
+    theirs, ours = schedule_args(ckpt.config.diffusion), schedule_args(cfg.diffusion)
+    if theirs != ours:
+        raise ConfigError(f"config key 'federation.init-checkpoint': {path} was trained with the noise schedule "
+                          f"{theirs}; this run has {ours} (set diffusion.schedule, diffusion.timesteps and the beta "
+                          "range to the checkpoint's)")
     model.load_state_dict(ckpt.sampling_weights())
 
 

@@ -1,0 +1,38 @@
+"""``federation.init-checkpoint``: the first global model comes from a checkpoint only when it is the same model
+on the same noise schedule (a model trained on another schedule predicts the wrong noise at every step)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medfed.checkpoint import Checkpoint, save_checkpoint
+from medfed.config import from_flat
+from medfed.errors import ConfigError
+from medfed.federation.server import load_initial_weights
+from medfed.models import build_unet
+
+
+def saved(tmp_path, **flat) -> tuple[str, dict[str, torch.Tensor]]:
+    cfg = from_flat({"model.preset": "pico", **flat})
+    weights = build_unet("pico", 1).state_dict()
+    path = tmp_path / "public.pt"
+    save_checkpoint(Checkpoint(model=weights, config=cfg, image_shape=(1, 28, 28), step=1), path)
+    return str(path), weights
+
+
+def test_same_schedule_loads_the_weights(tmp_path):
+    path, weights = saved(tmp_path, **{"diffusion.schedule": "cosine"})
+    model = build_unet("pico", 1)
+    load_initial_weights(model, path, from_flat({"model.preset": "pico", "diffusion.schedule": "cosine"}), (1, 28, 28))
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, weights[name])
+
+
+@pytest.mark.parametrize("run", [{"diffusion.schedule": "cosine"}, {"diffusion.beta-end": 0.03},
+                                 {"diffusion.timesteps": 500}])
+def test_another_schedule_is_refused_naming_the_key(tmp_path, run):
+    path, _ = saved(tmp_path, **{"diffusion.schedule": "linear_beta"})
+    cfg = from_flat({"model.preset": "pico", "diffusion.schedule": "linear_beta", **run})
+    with pytest.raises(ConfigError, match="federation.init-checkpoint.*noise schedule"):
+        load_initial_weights(build_unet("pico", 1), path, cfg, (1, 28, 28))
