@@ -22,9 +22,10 @@ Arms (issue #18), all class-conditional (``model.num-classes``) so that train-on
    phase adds to it.
 
 Budget: a CPU budget per arm (``cpu_minutes`` on 2 cores). The non-private arms process ``image_passes`` private
-training images (epochs x images), the DP arms ``dp_image_passes``: DP-SGD's per-sample gradients cost several times
-the CPU per image (measured on MNIST, micro UNet, 2 cores: about 26 images/s against 100), so a DP arm gets fewer
-passes to stay within about the same CPU time. The budget is stated in the JSON beside the measured wall and CPU
+training images (epochs x images), the DP arms ``dp_image_passes``: DP-SGD's per-sample gradients cost more CPU per
+image (MNIST, micro UNet, 2 cores, nothing else running: 150 images/s for 5 DP sites with SecAgg+ against 271 for
+centralized non-private training), so a DP arm gets fewer passes to stay within about the same CPU time (MNIST's
+40,000 are on the low side of that; run every arm alone: two torch jobs on 2 cores slow each other many times over). The budget is stated in the JSON beside the measured wall and CPU
 seconds (this process plus every Flower/Ray process of the arm's runs).
 
 Per arm: TSTR (``medfed.evaluation.utility``: the fixed small CNN trained on ``num_samples`` class-balanced samples,
