@@ -7,7 +7,7 @@
 #      our number is the standard offline Inception FID (fid-helper), so put it beside theirs, not against it.
 #   2. MNIST at DP epsilon 10 (arm 3: DP-SGD over all private images at one site, epsilon from its ledger), the
 #      DPDM anchor: TSTR 97.7-98.1%, FID 4.4 (DPImageBench).
-# Each arm: 10,000 class-balanced samples (DDIM 25 steps, guidance 1.5), TSTR with the fixed CNN of
+# Each arm: 10,000 class-balanced samples (DDIM 25 steps, no guidance), TSTR with the fixed CNN of
 # medfed.evaluation.utility, FID/KID on the domain classifier and the offline Inception (fid-helper) against
 # 10,000 real test images. Results: benchmarks/results/quality-gpu.json (a rerun skips measured arms; --force).
 #

@@ -294,6 +294,11 @@ class DiffusionConfig:
     ``beta-end``). Cosine keeps more of the image at mid-way steps, which small images need: the demo's public model
     (600 steps on 500 digits) reached TSTR 0.788 and FID 232 with it against 0.689 and 631 with ``linear_beta``
     (docs/benchmarks.md)."""
+    prediction: str = "epsilon"
+    """What the network predicts and is trained to regress: ``epsilon``, the noise (DDPM, the paper's protocol), or
+    ``v_prediction``, the velocity v = sqrt(a_t) eps - sqrt(1 - a_t) x0 (Salimans and Ho 2022), which stays well
+    conditioned at the cosine schedule's near-zero signal at the last steps, where an epsilon model's estimate of
+    the clean image is noise amplified many times over and clipped toward mid-grey (docs/benchmarks.md)."""
     beta_start: float = 1e-4
     """Noise variance beta_1 of the first diffusion step."""
     beta_end: float = 0.02
@@ -792,6 +797,8 @@ DATASETS = ("embedded-mnist", "mnist", "fashion-mnist", "cifar10", "svhn", "npz"
 """Values of ``data.dataset``: the names :func:`medfed.datasets.load_dataset` dispatches on."""
 SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine")
 """MONAI noise schedules (``diffusion.schedule``)."""
+PREDICTIONS = ("epsilon", "v_prediction")
+"""What the UNet predicts (``diffusion.prediction``), in MONAI's names (its schedulers' ``prediction_type``)."""
 DEVICES = "auto, cpu, cuda, cuda:N"
 """Values of ``train.device`` and every ``--device`` option."""
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -809,6 +816,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.labels": ("auto", "subfolders", "csv", "none"),
     "model.preset": PRESETS,
     "diffusion.schedule": SCHEDULES,
+    "diffusion.prediction": PREDICTIONS,
     "diffusion.sampler": ("ddpm", "ddim"),
     "federation.partition": ("iid", "dirichlet"),
     "evaluation.protocol": ("standard", "tun-compat"),

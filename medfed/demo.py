@@ -42,6 +42,7 @@ from medfed.centralized import train_centralized
 from medfed.config import RunConfig, from_flat
 from medfed.datasets import ImageDataset, load_dataset
 from medfed.errors import MedfedError
+from medfed.evaluation.scoring import SamplingSpec, Scorer, Yardstick, score_checkpoint
 from medfed.evaluation.utility import RECIPE
 from medfed.images import save_grid
 from medfed.launch.simulation import run_simulation
@@ -65,7 +66,10 @@ class DemoSettings:
         num_samples: labelled digits drawn from each model for TSTR, FID and the grid (every class equally often).
         sample_steps, guidance, ddim_eta: DDIM steps, classifier-free guidance scale and DDIM stochasticity of
             every sample. Deterministic DDIM (eta 0) leaves visible noise in the samples of these briefly trained
-            models; eta 1 (fresh noise at every step, as DDPM) does not.
+            models; eta 1 (fresh noise at every step, as DDPM) does not. Guidance 1.5: these briefly trained models
+            need it (without guidance, measured 2026-12-07: TSTR 0.738 before and 0.774 after, FID 393 and 370,
+            against 0.788 / 0.797 and 232 / 247 with it), unlike the quality benchmark's longer-trained models,
+            whose TSTR is best without guidance (``benchmarks/bench_quality.py`` ``Budget``).
         classifier_epochs: epochs of the domain classifier (FID's feature network) on the public digits; fixed,
             the TSTR recipe's (:data:`medfed.evaluation.utility.RECIPE`), so its accuracy on the held-out digits
             is also the TSTR of the 500 real public digits: the reference row of the table.
@@ -179,14 +183,13 @@ class DemoScorer:
     """The demo's fixed yardstick: the held-out real digits, and the domain classifier that gives FID features."""
 
     held_out: ImageDataset
-    scorer: Any  # medfed.studies.common.Scorer
-    reference: Any  # its FeatureSet of the held-out digits
+    yardstick: Yardstick
     classifier: dict[str, Any]
     device: torch.device
 
     @property
     def network(self) -> str:
-        return self.scorer.name
+        return self.yardstick.name
 
 
 def prepare_scorer(public: RunConfig, private: RunConfig, folder: Path, settings: DemoSettings,
@@ -196,7 +199,6 @@ def prepare_scorer(public: RunConfig, private: RunConfig, folder: Path, settings
     from medfed.evaluation.classifier import save_classifier, train_classifier
     from medfed.evaluation.features import load_feature_network
     from medfed.evaluation.utility import class_probabilities, classification_scores
-    from medfed.studies.common import Scorer
 
     held = held_out_split(private, public)
     public_data = load_dataset(public.data, seed=public.train.seed)
@@ -207,12 +209,12 @@ def prepare_scorer(public: RunConfig, private: RunConfig, folder: Path, settings
     path = save_classifier(trained, folder / CLASSIFIER_FILE)
     network = load_feature_network(str(path), device=device)  # the saved, hash-checked file
     scorer = Scorer(network=network, record={"name": network.name, **network.info}, seed=settings.seed)
-    reference = scorer.features(held.images, held.name)
+    yardstick = Yardstick.of(scorer, held.images, held.name)
     record = {"name": network.name, "file": str(path), "sha256": network.info["sha256"],
               "trained_on": f"{public_data.name}: {len(public_data)} public digits, {settings.classifier_epochs} "
                             "epochs (fixed)",
               "accuracy_on_held_out": real["accuracy"], "balanced_accuracy_on_held_out": real["balanced_accuracy"]}
-    return DemoScorer(held_out=held, scorer=scorer, reference=reference, classifier=record, device=device)
+    return DemoScorer(held_out=held, yardstick=yardstick, classifier=record, device=device)
 
 
 def class_grid(images: torch.Tensor, labels: torch.Tensor, columns: int, path: Path) -> Path:
@@ -229,21 +231,17 @@ def evaluate_model(checkpoint: Path, label: str, yardstick: DemoScorer, settings
                    grid_path: Path) -> dict[str, Any]:
     """Sample ``num_samples`` labelled digits from ``checkpoint`` and score them: TSTR on the held-out digits,
     FID (and KID, precision, recall) on the domain classifier against them; write the class grid."""
-    from medfed.evaluation.utility import sample_labelled, utility_report
-
-    start = time.perf_counter()
-    samples, _ = sample_labelled(checkpoint, settings.num_samples, guidance=settings.guidance, sampler="ddim",
-                                 steps=settings.sample_steps, seed=settings.seed, device=str(yardstick.device))
-    sampled_s = time.perf_counter() - start
-    tstr = utility_report(samples.images, samples.labels, yardstick.held_out, source=f"{label}: {checkpoint}",
-                          seed=settings.seed, device=yardstick.device)
-    scores = yardstick.scorer.score(yardstick.reference, samples.images)
+    sampling = SamplingSpec(num=settings.num_samples, guidance=settings.guidance, steps=settings.sample_steps,
+                            seed=settings.seed)
+    measured = score_checkpoint(checkpoint, yardstick.held_out, [yardstick.yardstick], sampling,
+                                device=yardstick.device, source=f"{label}: {checkpoint}")
+    samples, tstr, scores = measured.samples, measured.tstr, measured.feature_scores[yardstick.network]
     grid = class_grid(samples.images, samples.labels, settings.grid_columns, grid_path)
     return {"model": label, "checkpoint": str(checkpoint), "num_samples": len(samples),
             "tstr_accuracy": tstr["synthetic"]["accuracy"],
             "tstr_balanced_accuracy": tstr["synthetic"]["balanced_accuracy"],
             "fid": scores.get("fid"), "scores": scores, "tstr": tstr, "grid": str(grid),
-            "sampling_s": sampled_s, "evaluation_s": time.perf_counter() - start}
+            "sampling_s": measured.sampling_s, "evaluation_s": measured.evaluation_s}
 
 
 def standard_error(accuracy: float, n: int) -> float:

@@ -62,6 +62,57 @@ def test_medfed_own_bundle_passes_and_is_what_flwr_run_builds(tmp_path):
     assert check.accepted and not check.approved and check.reason == ""
 
 
+def test_a_failing_clientapp_replies_with_a_reason_code_never_the_exception_text(tmp_path, monkeypatch, capsys):
+    """``run_task``'s own failure branch (outside the site guard): the ClientApp raises with private text; the
+    reply and the task status carry only ``Refusal(site, internal-error)``; the text stays in the site's log."""
+    import flwr.supercore.heartbeat as heartbeat
+    import flwr.supernode.runtime.run_clientapp as runtime
+    from flwr.app import Context, Message, RecordDict
+    from flwr.common.constant import ErrorCode, SubStatus
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from medfed.contracts import Reason, Refusal
+    from medfed.deploy import app_guard
+
+    for attr in ("_task_id", "_run_id", "_node_id"):  # what Flower's pull_task_input sets in a task process
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    cfg = from_flat({"federation.rounds": 1, "output.name": "x"})
+    fab = flower_app_fab(cfg)
+    task = Message(RecordDict(), dst_node_id=7, message_type="train")
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    bundle = type("Fab", (), {"hash_str": hashlib.sha256(fab).hexdigest(), "content": fab})()
+    pushed: dict[str, object] = {}
+
+    class Heartbeat:
+        def __init__(self, *args):
+            pass
+
+        start = stop = lambda self: None
+
+    def failing_clientapp(message, context):
+        raise RuntimeError("/data/patient-7.dcm: losses [0.12, 0.31]")
+
+    monkeypatch.setattr(app_guard, "runtime_client", lambda *a, **k: type("Client", (), {"close": lambda s: None})())
+    monkeypatch.setattr(app_guard, "_load_installed_clientapp", lambda: failing_clientapp)
+    monkeypatch.setattr(heartbeat, "HeartbeatSender", Heartbeat)
+    monkeypatch.setattr(heartbeat, "make_task_heartbeat_fn_http", lambda client: None)
+    monkeypatch.setattr(runtime, "pull_task_input", lambda client: (task, context, type("Run", (), {"run_id": 1})(),
+                                                                     bundle))
+    monkeypatch.setattr(runtime, "push_message", lambda client, reply, ctx: pushed.update(reply=reply))
+    monkeypatch.setattr(runtime, "push_task_output", lambda **kw: pushed.update(kw))
+
+    code = app_guard.run_task("127.0.0.1:1", "token", "hospital-a", None, tmp_path / "refused")
+
+    expected = Refusal("hospital-a", Reason.INTERNAL_ERROR).encode()
+    reply = pushed["reply"]
+    assert code == 1 and reply.has_error() and reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert reply.error.reason == expected and pushed["details"] == expected
+    assert pushed["sub_status"] == SubStatus.FAILED
+    assert "patient-7" not in reply.error.reason + pushed["details"]
+    assert "patient-7.dcm" in capsys.readouterr().out  # the site's own log keeps the text
+
+
 @pytest.mark.parametrize("case, files, why", [
     ("own ClientApp", {"pyproject.toml": flower_app_pyproject(RunConfig(), clientapp="evil.client:app"),
                        "evil/client.py": "print('x')"}, "components are not medfed's"),

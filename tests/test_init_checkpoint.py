@@ -1,5 +1,6 @@
 """``federation.init-checkpoint``: the first global model comes from a checkpoint only when it is the same model
-on the same noise schedule (a model trained on another schedule predicts the wrong noise at every step)."""
+on the same noise schedule and parameterisation (a model trained on another schedule, or predicting the velocity
+instead of the noise, gives the wrong estimate at every step)."""
 
 from __future__ import annotations
 
@@ -35,4 +36,12 @@ def test_another_schedule_is_refused_naming_the_key(tmp_path, run):
     path, _ = saved(tmp_path, **{"diffusion.schedule": "linear_beta"})
     cfg = from_flat({"model.preset": "pico", "diffusion.schedule": "linear_beta", **run})
     with pytest.raises(ConfigError, match="federation.init-checkpoint.*noise schedule"):
+        load_initial_weights(build_unet("pico", 1), path, cfg, (1, 28, 28))
+
+
+def test_another_prediction_is_refused_naming_the_key(tmp_path):
+    """An epsilon model's output read as a velocity (or the reverse) is wrong at every step."""
+    path, _ = saved(tmp_path, **{"diffusion.prediction": "epsilon"})
+    cfg = from_flat({"model.preset": "pico", "diffusion.prediction": "v_prediction"})
+    with pytest.raises(ConfigError, match="federation.init-checkpoint.*diffusion.prediction"):
         load_initial_weights(build_unet("pico", 1), path, cfg, (1, 28, 28))

@@ -189,3 +189,28 @@ def test_the_proven_epsilon_comes_from_the_runs_summary_and_never_from_nowhere(t
     assert (proven.epsilon, proven.delta) == (4.5, 1e-6) and "site-1" in proven.source
     summary.write_text(json.dumps({"privacy": {"label": "NOT PRIVATE", "note": "..."}}))
     assert proven_epsilon(checkpoint, None, None).epsilon is None
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_attack_scores_use_the_models_own_training_target(prediction):
+    """The loss attack scores a model by its own training loss: against the noise for an epsilon model, against
+    the velocity for a v model. A model that outputs 0 scores E[target^2], which tells the two apart."""
+    from medfed.config import DiffusionConfig
+    from medfed.datasets import ImageDataset
+    from medfed.diffusion import make_scheduler
+    from medfed.privacy.audit import AuditOptions, _noise, attack_scores
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.zeros_like(x)
+
+    scheduler = make_scheduler(DiffusionConfig(prediction=prediction))
+    images = torch.full((3, 1, 4, 4), 0.5)  # E[v^2] = a eps^2 + (1 - a) / 4: far from E[eps^2] = 1 at t = 900
+    options = AuditOptions(timesteps=(900,), draws=2)
+    scores = attack_scores(Zero(), scheduler, ImageDataset(images, torch.full((3,), -1), "grey"), options, 0,
+                           torch.device("cpu"))
+    ab = scheduler.alphas_cumprod[900]
+    for i in range(3):
+        noise = _noise(options.seed, 0, i, (options.draws, 1, 4, 4))
+        target = noise if prediction == "epsilon" else ab.sqrt() * noise - (1 - ab).sqrt() * images[i]
+        assert scores["loss"][i] == pytest.approx(target.pow(2).mean().item(), rel=1e-5)

@@ -15,7 +15,8 @@ elsewhere. ``benchmarks/bench_sampling.py`` measures each choice against a plain
 
 Class-conditional models (``model.num-classes`` > 0) sample the classes asked for, by default every class in
 turn; with a guidance scale w > 0 (classifier-free guidance) each step runs the conditional and the null-class
-inputs as one doubled batch and uses ``eps = (1 + w) eps_cond - w eps_uncond``.
+inputs as one doubled batch and uses ``eps = (1 + w) eps_cond - w eps_uncond`` (the same combination of the two
+velocities for a ``diffusion.prediction = v_prediction`` model: the scheduler turns either into the next step).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.
 """Network precision under sampling: ``float32`` (exact), or an autocast dtype. ``auto`` picks one of them."""
 
 NoisePredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``predict(x_t, t) -> eps``: (B, C, H, W) float32 noisy images and (B,) int64 timesteps to (B, C, H, W) float32."""
+"""``predict(x_t, t) -> eps`` (or v for a ``v_prediction`` model): (B, C, H, W) float32 noisy images and (B,) int64
+timesteps to (B, C, H, W) float32."""
 
 
 def num_classes_of(model: nn.Module) -> int:
@@ -78,7 +80,7 @@ def guided(predict: Callable[..., torch.Tensor], labels: torch.Tensor | None, nu
 
 def make_sampler(cfg: DiffusionConfig, sampler: str, steps: int) -> DDPMScheduler | DDIMScheduler:
     """The reverse-process scheduler: DDPM over all ``cfg.timesteps`` steps, or DDIM over ``steps`` steps."""
-    common = dict(**schedule_args(cfg), prediction_type="epsilon", clip_sample=True)
+    common = dict(**schedule_args(cfg), prediction_type=cfg.prediction, clip_sample=True)
     if sampler == "ddpm":
         scheduler: DDPMScheduler | DDIMScheduler = DDPMScheduler(**common)
         scheduler.set_timesteps(cfg.timesteps)
@@ -141,7 +143,7 @@ def noise_predictor(
     The predictor also takes (B,) int64 ``labels`` as a third argument, for class-conditional models.
 
     Args:
-        model: epsilon-predicting UNet on ``device``; it is put in eval mode while the context is open.
+        model: noise- (or velocity-) predicting UNet on ``device``; it is put in eval mode while the context is open.
         device: where it runs.
         channels_last: run in channels-last memory format (converted back on exit).
         precision: ``auto`` (see :func:`resolve_precision`) or a key of :data:`PRECISIONS`; anything but
@@ -229,7 +231,8 @@ def sample_images(
     """Generate ``num`` images from pure noise.
 
     Args:
-        model: epsilon-predicting UNet, already on ``device``; it is in eval mode while sampling and left as it was.
+        model: the UNet (predicting ``cfg.prediction``), already on ``device``; in eval mode while sampling, then
+            left as it was.
         cfg: the diffusion settings the model was trained with (schedule, default sampler and step count).
         num: number of images.
         image_shape: (C, H, W).

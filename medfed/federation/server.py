@@ -282,6 +282,10 @@ def load_initial_weights(model: torch.nn.Module, path: str, cfg: RunConfig,
         raise ConfigError(f"config key 'federation.init-checkpoint': {path} was trained with the noise schedule "
                           f"{theirs}; this run has {ours} (set diffusion.schedule, diffusion.timesteps and the beta "
                           "range to the checkpoint's)")
+    if ckpt.config.diffusion.prediction != cfg.diffusion.prediction:
+        raise ConfigError(f"config key 'federation.init-checkpoint': {path} predicts "
+                          f"{ckpt.config.diffusion.prediction}; this run trains diffusion.prediction = "
+                          f"{cfg.diffusion.prediction} (set it to the checkpoint's)")
     model.load_state_dict(ckpt.sampling_weights())
 
 

@@ -6,11 +6,14 @@ The attacker holds the model and two sets of images from one distribution: the s
 ``loss``
     The loss-threshold attack (Yeom et al. 2018; Matsumoto et al. 2023 for diffusion models): the DDPM
     denoising error ``|| eps_theta(x_t, t) - eps ||^2`` at each chosen timestep t, averaged over ``draws`` fixed
-    noise draws per image and over the timesteps.
+    noise draws per image and over the timesteps (for a ``v_prediction`` model, the error of the velocity: the
+    model's own training loss).
 ``pia``
     Proximal initialization (PIA, Kong et al. 2023), the deterministic cousin of SecMI: the noise is the model's
     own prediction at t = 0, ``eps_0 = eps_theta(x_0, 0)``; ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps_0`` and
-    the score is ``|| eps_theta(x_t, t) - eps_0 ||^2``, averaged over the timesteps. Two network calls per t.
+    the score is ``|| eps_theta(x_t, t) - eps_0 ||^2``, averaged over the timesteps. Two network calls per t. A
+    ``v_prediction`` model's noise estimate is read from its velocity (``medfed.diffusion.ddpm.predicted_noise``)
+    and its score is the error of the velocity of (x_0, eps_0).
 
 From the scores: the attack's ROC AUC, its TPR at 1% and 10% FPR, and the empirical epsilon lower bound it
 implies. An (epsilon, delta)-DP mechanism bounds every membership test (Kairouz et al. 2015):
@@ -41,7 +44,13 @@ from scipy.stats import beta, rankdata
 from torch import nn
 
 from medfed.datasets import ImageDataset
-from medfed.diffusion.ddpm import condition_labels, denoising_error, predict_noise
+from medfed.diffusion.ddpm import (
+    condition_labels,
+    denoising_error,
+    predict_noise,
+    predicted_noise,
+    regression_target,
+)
 from medfed.errors import ConfigError, MedfedError
 
 ATTACKS = ("loss", "pia")
@@ -136,16 +145,18 @@ def attack_scores(model: nn.Module, scheduler: DDPMScheduler, data: ImageDataset
         labels = condition_labels(data.labels[start:start + b].to(device), num_classes, 0.0, None)
         noise = torch.stack([_noise(options.seed, part, start + i, (options.draws, *x0.shape[1:]))
                              for i in range(b)], 1).to(device)  # (K, B, C, H, W)
-        eps0 = predict_noise(model, x0, torch.zeros(b, dtype=torch.long, device=device), labels).float()
+        zero = torch.zeros(b, dtype=torch.long, device=device)
+        eps0 = predicted_noise(scheduler, predict_noise(model, x0, zero, labels).float(), x0, zero)
         loss = torch.zeros(b, device=device)
         pia = torch.zeros(b, device=device)
         for t in options.timesteps:
             tt = torch.full((b,), t, dtype=torch.long, device=device)
             for k in range(options.draws):
                 x_t = scheduler.add_noise(original_samples=x0, noise=noise[k], timesteps=tt)
-                loss += denoising_error(predict_noise(model, x_t, tt, labels), noise[k])
+                loss += denoising_error(predict_noise(model, x_t, tt, labels),
+                                        regression_target(scheduler, x0, noise[k], tt))
             x_t = scheduler.add_noise(original_samples=x0, noise=eps0, timesteps=tt)
-            pia += denoising_error(predict_noise(model, x_t, tt, labels), eps0)
+            pia += denoising_error(predict_noise(model, x_t, tt, labels), regression_target(scheduler, x0, eps0, tt))
         scores["loss"].append(loss.cpu() / (len(options.timesteps) * options.draws))
         scores["pia"].append(pia.cpu() / len(options.timesteps))
     return {a: torch.cat(s).double().numpy() for a, s in scores.items()}

@@ -92,14 +92,14 @@ class Mechanism:
     accountant: IAccountant
 
 
-def per_sample_grads(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+def per_sample_grads(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
                      chunk_size: int = 0,
                      labels: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Whole-model per-sample gradients of each image's loss (mean over its K draws and pixels).
 
     Args:
         model: the plain (unwrapped) UNet.
-        x_t, t, eps: from :func:`~medfed.diffusion.ddpm.draw_noisy_inputs`.
+        x_t, t, target: from :func:`~medfed.diffusion.ddpm.draw_noisy_inputs` (the target: noise or velocity).
         chunk_size: images per ``vmap`` chunk (peak activation memory scales with it); 0 = all at once.
         labels: (B, K) class labels of a conditional model (each image's label, per draw), else None.
 
@@ -108,23 +108,23 @@ def per_sample_grads(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, eps: 
     """
     params = {name: p.detach() for name, p in model.named_parameters()}
 
-    def loss_of_one(p: dict[str, torch.Tensor], xt_i: torch.Tensor, t_i: torch.Tensor, eps_i: torch.Tensor,
+    def loss_of_one(p: dict[str, torch.Tensor], xt_i: torch.Tensor, t_i: torch.Tensor, target_i: torch.Tensor,
                     y_i: torch.Tensor | None) -> torch.Tensor:
         kwargs = {} if y_i is None else {"class_labels": y_i}
-        return denoising_error(functional_call(model, p, (xt_i, t_i), kwargs), eps_i).mean()
+        return denoising_error(functional_call(model, p, (xt_i, t_i), kwargs), target_i).mean()
 
     grads, losses = vmap(grad_and_value(loss_of_one), in_dims=(None, 0, 0, 0, None if labels is None else 0),
-                         chunk_size=chunk_size or None)(params, x_t, t, eps, labels)
+                         chunk_size=chunk_size or None)(params, x_t, t, target, labels)
     return grads, losses
 
 
-def attach_grad_samples(engine: str, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+def attach_grad_samples(engine: str, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
                         chunk_size: int = 0, labels: torch.Tensor | None = None) -> torch.Tensor:
     """Compute per-sample gradients with ``engine`` (``layers`` or ``vmap``) and set them as each parameter's
     ``grad_sample``, where Opacus' ``no_op`` mode reads them; returns the (B,) losses. ``labels``: (B, K) or
     None, as :func:`per_sample_grads`."""
-    grads, losses = (per_layer_grads(model, x_t, t, eps, labels) if engine == "layers"
-                     else per_sample_grads(model, x_t, t, eps, chunk_size, labels))
+    grads, losses = (per_layer_grads(model, x_t, t, target, labels) if engine == "layers"
+                     else per_sample_grads(model, x_t, t, target, chunk_size, labels))
     for name, p in model.named_parameters():
         p.grad_sample = grads[name]
     return losses
@@ -249,14 +249,14 @@ def train_private(model: nn.Module, data: ImageDataset, plan: NoisePlan, *, batc
                 dp_optimizer.step()
                 continue
             y = condition_labels(labels.to(device), num_classes, label_dropout, draws_rng)
-            x_t, t, eps = draw_noisy_inputs(scheduler, x0, noise_multiplicity, draws_rng)
+            x_t, t, target = draw_noisy_inputs(scheduler, x0, noise_multiplicity, draws_rng)
             y_k = None if y is None else y[:, None].expand_as(t)  # (B, K): an image's label in each draw
             if engine != "hooks":
-                loss = attach_grad_samples(engine, model, x_t, t, eps, chunk_size, y_k).mean()
+                loss = attach_grad_samples(engine, model, x_t, t, target, chunk_size, y_k).mean()
             else:
                 # K forwards of the same B images, one backward: Opacus sums the K contributions per image.
                 per_draw = [denoising_error(predict_noise(private_model, x_t[:, k], t[:, k],
-                                                          None if y_k is None else y_k[:, k]), eps[:, k])
+                                                          None if y_k is None else y_k[:, k]), target[:, k])
                             for k in range(noise_multiplicity)]
                 loss = torch.stack(per_draw, 1).mean()
                 loss.backward()

@@ -117,13 +117,13 @@ def _layer_grads(m: nn.Module, a: torch.Tensor, b: torch.Tensor, images: int) ->
     return grads
 
 
-def per_layer_grads(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+def per_layer_grads(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
                     labels: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per-sample gradients of each image's loss (mean over its K draws and pixels), layer by layer.
 
     Args:
         model: the plain UNet; every parametrised layer must pass :func:`check_supported` and run once per forward.
-        x_t, t, eps: (B, K, C, H, W), (B, K), (B, K, C, H, W) from ``draw_noisy_inputs``.
+        x_t, t, target: (B, K, C, H, W), (B, K), (B, K, C, H, W) from ``draw_noisy_inputs`` (noise or velocity).
         labels: (B, K) class labels of a conditional model (each image's label, per draw), else None.
 
     Returns:
@@ -150,7 +150,7 @@ def per_layer_grads(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, eps: t
         if (a._version, out._version) != version:  # a later in-place op changed what the per-sample rule reads
             raise ValueError(f"per-sample-grads 'layers': the input or output of layer '{name}' is modified in place "
                              "later in the forward pass; use 'vmap'")
-    losses = denoising_error(pred, eps.flatten(0, 1)).view(images, -1).mean(1)
+    losses = denoising_error(pred, target.flatten(0, 1)).view(images, -1).mean(1)
     output_grads = torch.autograd.grad(losses.sum(), [out for _, _, _, out, _ in records])
     grads: dict[str, torch.Tensor] = {}
     for (name, m, a, _, _), b in zip(records, output_grads, strict=True):

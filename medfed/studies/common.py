@@ -21,7 +21,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +31,8 @@ from medfed.config import RunConfig, from_dict
 from medfed.datasets import ImageDataset
 from medfed.devices import describe_machine, resolve_device
 from medfed.errors import ConfigError, MedfedError
-from medfed.evaluation.features import FeatureNetwork, FeatureSet, extract_features, load_feature_network
-from medfed.evaluation.metrics import compute_scores
+from medfed.evaluation.features import load_feature_network
+from medfed.evaluation.scoring import Scorer
 from medfed.contracts import RoundRecord
 from medfed.runs import RunDir
 from medfed.studies.settings import CLASSIFIER, StudySetup, check_setup, load_split, options_record
@@ -250,42 +249,6 @@ def reported_epsilons(run: RunDir) -> dict[str, float]:
 
 
 # -------------------------------------------------------------------------------------------------- scores
-
-@dataclass
-class Scorer:
-    """The study's one feature network and how it scores generated images against real ones.
-
-    Attributes:
-        network: the frozen feature network.
-        record: what it is: ``name`` (carried by every number), ``spec``, and for a domain classifier its
-            ``sha256``, ``test_accuracy``, ``num_train``, ``num_test``, ``file``.
-    """
-
-    network: FeatureNetwork
-    record: dict[str, Any]
-    seed: int = 0
-    batch_size: int = 256
-
-    @property
-    def name(self) -> str:
-        return self.network.name
-
-    def features(self, images: torch.Tensor, source: str) -> FeatureSet:
-        return extract_features(self.network, images, source=source, batch_size=self.batch_size)
-
-    def score(self, reference: FeatureSet, generated: torch.Tensor) -> dict[str, float]:
-        """FID, KID (+ std), precision, recall, density, coverage (and the classifier score where the network
-        has logits) of ``generated`` (N, C, H, W) in [-1, 1] against ``reference``; the sample counts too."""
-        scores = compute_scores(reference, self.features(generated, "generated"), seed=self.seed)
-        out: dict[str, float] = {"num-real": reference.count, "num-generated": len(generated)}
-        for s in scores:
-            if s.value is None:  # unavailable at these counts or on this network; the note says why
-                continue
-            out[s.metric] = s.value
-            if s.std is not None:
-                out[f"{s.metric}-std"] = s.std
-        return out
-
 
 def prepare_scorer(setup: StudySetup, folder: Path, device: torch.device, show_progress: bool = True) -> Scorer:
     """Load the feature network, or train the domain classifier with ``medfed evaluate train-features``' code

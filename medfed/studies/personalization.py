@@ -45,10 +45,10 @@ from medfed.generate import load_model
 from medfed.privacy.budget import BudgetExceededError
 from medfed.images import save_grid, to_uint8
 from medfed.models import build_unet
+from medfed.evaluation.scoring import Scorer
 from medfed.studies.clients import PARTITIONS
 from medfed.studies.common import (
     CpuMeter,
-    Scorer,
     announce,
     bar_plot,
     document,
