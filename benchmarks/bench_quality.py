@@ -25,7 +25,8 @@ Budget: a CPU budget per arm (``cpu_minutes`` on 2 cores). The non-private arms 
 training images (epochs x images), the DP arms ``dp_image_passes``: DP-SGD's per-sample gradients cost more CPU per
 image (MNIST, micro UNet, 2 cores, nothing else running: 150 images/s for 5 DP sites with SecAgg+ against 271 for
 centralized non-private training), so a DP arm gets fewer passes to stay within about the same CPU time (MNIST's
-40,000 are on the low side of that; run every arm alone: two torch jobs on 2 cores slow each other many times over). The budget is stated in the JSON beside the measured wall and CPU
+40,000 are on the low side of that; run every arm alone: two torch jobs on 2 cores slow each other many times
+over). The budget is stated in the JSON beside the measured wall and CPU
 seconds (this process plus every Flower/Ray process of the arm's runs).
 
 Per arm: TSTR (``medfed.evaluation.utility``: the fixed small CNN trained on ``num_samples`` class-balanced samples,
@@ -349,8 +350,7 @@ class Evaluator:
         sampling = SamplingSpec(num=self.budget.num_samples, guidance=self.budget.guidance,
                                 steps=self.budget.sample_steps, seed=self.seed)
         measured = score_checkpoint(checkpoint, self.test, yardsticks, sampling, device=self.device)
-        return {"sampling": {"num": sampling.num, "sampler": "ddim", "steps": sampling.steps,
-                             "guidance": sampling.guidance, "seed": sampling.seed},
+        return {"sampling": {**dataclasses.asdict(sampling), "sampler": "ddim"},
                 "tstr": measured.tstr["synthetic"], "feature_scores": measured.feature_scores,
                 "num_samples": len(measured.samples), "sampling_wall_s": measured.sampling_s,
                 "evaluation_wall_s": measured.evaluation_s}

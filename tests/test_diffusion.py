@@ -70,17 +70,31 @@ def test_sampling_is_reproducible_per_seed():
     assert not torch.allclose(run(1), run(2))
 
 
-def test_per_sample_loss_is_the_denoising_error_of_one_noise_draw():
-    model, sched = build_unet("pico", 1), make_scheduler(DiffusionConfig())
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_per_sample_loss_is_the_denoising_error_of_one_noise_draw(prediction):
+    """The loss is the error against the model's own target: the drawn noise, or for a v model the velocity of
+    (x0, that noise) - not the noise."""
+    cfg = DiffusionConfig(prediction=prediction)
+    model, sched = build_unet("pico", 1), make_scheduler(cfg)
+    assert sched.prediction_type == prediction
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     x0 = torch.rand(3, 1, 28, 28) * 2 - 1
     loss = per_sample_loss(model, sched, x0, torch.Generator().manual_seed(5))
-    x_t, t, eps = draw_noisy_inputs(sched, x0, 1, torch.Generator().manual_seed(5))
-    torch.testing.assert_close(loss, denoising_error(model(x_t[:, 0], t[:, 0]), eps[:, 0]))
+    x_t, t, target = draw_noisy_inputs(sched, x0, 1, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # draw_noisy_inputs draws t first, then the noise
+    t_again = torch.randint(0, sched.num_train_timesteps, (3, 1), generator=g)
+    eps = torch.randn((3, 1, 1, 28, 28), generator=g)
+    torch.testing.assert_close(t, t_again)
+    expected = eps[:, 0] if prediction == "epsilon" else sched.get_velocity(x0, eps[:, 0], t[:, 0])
+    torch.testing.assert_close(target[:, 0], expected)
+    torch.testing.assert_close(loss, denoising_error(model(x_t[:, 0], t[:, 0]), target[:, 0]))
+    if prediction == "v_prediction":
+        assert not torch.allclose(loss, denoising_error(model(x_t[:, 0], t[:, 0]), eps[:, 0]))
     torch.testing.assert_close(denoising_error(torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)), torch.ones(2))
-
+    out = sample_images(build_unet("pico", 1), cfg, 2, (1, 28, 28), device=torch.device("cpu"), steps=3)
+    assert out.shape == (2, 1, 28, 28) and out.min() >= -1 and out.max() <= 1
 
 class Oracle(nn.Module):
     """A "network" that outputs the true regression target of the one (x0, eps) it was built for."""
@@ -121,25 +135,3 @@ def test_training_target_and_both_samplers_share_the_parameterisation(prediction
             recovered = sampler.step(oracle(x_t, tt), t, x_t)[1]
             torch.testing.assert_close(recovered, x0, atol=2e-3 if t < 900 else 5e-2, rtol=0)
 
-
-def test_v_prediction_trains_on_the_velocity_and_samples():
-    """``per_sample_loss`` of a v model is the error against the velocity, not the noise; an untrained v model
-    (MONAI zero-initialises the output) predicts v = 0, so its loss is E[v^2] = 1 as for the noise."""
-    cfg = DiffusionConfig(prediction="v_prediction")
-    model, sched = build_unet("pico", 1), make_scheduler(cfg)
-    assert sched.prediction_type == "v_prediction"
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    x0 = torch.rand(3, 1, 28, 28) * 2 - 1
-    loss = per_sample_loss(model, sched, x0, torch.Generator().manual_seed(5))
-    x_t, t, target = draw_noisy_inputs(sched, x0, 1, torch.Generator().manual_seed(5))
-    g = torch.Generator().manual_seed(5)
-    t_again = torch.randint(0, sched.num_train_timesteps, (3, 1), generator=g)
-    eps = torch.randn((3, 1, 1, 28, 28), generator=g)
-    torch.testing.assert_close(t, t_again)
-    torch.testing.assert_close(target[:, 0], sched.get_velocity(x0, eps[:, 0], t[:, 0]))
-    torch.testing.assert_close(loss, denoising_error(model(x_t[:, 0], t[:, 0]), target[:, 0]))
-    assert not torch.allclose(loss, denoising_error(model(x_t[:, 0], t[:, 0]), eps[:, 0]))
-    out = sample_images(build_unet("pico", 1), cfg, 2, (1, 28, 28), device=torch.device("cpu"), steps=3)
-    assert out.shape == (2, 1, 28, 28) and out.min() >= -1 and out.max() <= 1
