@@ -38,10 +38,12 @@ as many real training images) is measured once per dataset.
 
 Resumable: results are merged into the JSON after each arm; an arm whose result is there is skipped (``--force``
 reruns it); an interrupted arm resumes from its run's ``checkpoints/latest.pt`` (``output.resume``), the sites'
-ledgers keep what they spent. ``--rescore`` scores the measured arms again from their checkpoints with the current
-sampling settings (no training; the earlier scores stay in ``superseded``). ``--prediction v_prediction`` trains
-every arm to predict the velocity instead of the noise (its own ``--out-dir`` and ``--results-name``: a results
-file holds one schedule and one prediction).
+ledgers keep what they spent; one stopped before its first checkpoint starts afresh, its folders moved aside
+(``*.unstarted-<time>``). ``--rescore`` scores the measured arms again from their checkpoints with the current
+sampling settings (no training; the earlier scores stay in ``superseded``). Every arm trains with medfed's default
+``diffusion.prediction`` (the velocity) unless ``--prediction epsilon`` asks for the noise (give it its own
+``--out-dir`` and ``--results-name``, as ``quality-epsilon.json`` was: a results file holds one schedule and one
+prediction, and an arm never resumes from a checkpoint of the other kind).
 
 Usage:
     python benchmarks/bench_quality.py --arm 3 --dataset mnist          # one arm
@@ -204,6 +206,22 @@ def base_flat(budget: Budget, fmt: str, path: str, num_classes: int, folder: Pat
             "output.dir": str(folder / "runs"), "output.name": name}
 
 
+def restart_if_unstarted(run: Any, flat: dict[str, object]) -> bool:
+    """Whether the arm's run resumes from its checkpoint. A run stopped before its first checkpoint can neither
+    resume nor start again in its folder: that folder (and the arm's simulated site state, whose ledgers may hold
+    the unfinished round's spend) is moved aside to ``<name>.unstarted-<UTC time>``, never deleted."""
+    if run.latest_checkpoint.exists():
+        return True
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for folder in (run.root, Path(str(flat.get("privacy.site-state-root", "")))):
+        if str(folder) not in ("", ".") and folder.exists():
+            aside = folder.with_name(f"{folder.name}.unstarted-{stamp}")
+            folder.rename(aside)
+            print(f"{folder}: stopped before its first checkpoint; moved aside to {aside.name}, starting afresh",
+                  flush=True)
+    return False
+
+
 def centralized(flat: dict[str, object], steps: int, show_progress: bool) -> Path:
     """Train (or resume) a centralized non-private run; returns its checkpoint."""
     from medfed.centralized import train_centralized
@@ -211,7 +229,7 @@ def centralized(flat: dict[str, object], steps: int, show_progress: bool) -> Pat
     from medfed.runs import RunDir
 
     run = RunDir(Path(str(flat["output.dir"])) / str(flat["output.name"]))
-    resume = run.latest_checkpoint.exists()
+    resume = restart_if_unstarted(run, flat)
     cfg = from_flat({**flat, "train.steps": steps, "train.checkpoint-every": max(1, steps // 10),
                      "train.sample-every": steps, "train.log-every": max(1, steps // 20), "output.resume": resume})
     return train_centralized(cfg, show_progress=show_progress).run.latest_checkpoint
@@ -224,7 +242,7 @@ def federated(flat: dict[str, object], budget: Budget, show_progress: bool) -> t
     from medfed.runs import RunDir
 
     run_dir = RunDir(Path(str(flat["output.dir"])) / str(flat["output.name"]))
-    cfg = from_flat({**flat, "output.resume": run_dir.latest_checkpoint.exists()})
+    cfg = from_flat({**flat, "output.resume": restart_if_unstarted(run_dir, flat)})
     run = run_simulation(cfg, parallel_sites=min(budget.parallel_sites, cfg.federation.num_sites),
                          cpus_per_site=budget.cpus_per_site, show_progress=show_progress)
     run.require_rounds(cfg.federation.rounds)

@@ -108,3 +108,29 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         )
     except (KeyError, TypeError, ValueError, ConfigError) as err:
         raise CheckpointError(f"{path}: checkpoint content is incomplete or incompatible ({err})") from err
+
+
+def require_same_model(ckpt: Checkpoint, cfg: RunConfig, image_shape: tuple[int, int, int] | None, *, key: str,
+                       path: str | Path) -> None:
+    """Refuse to continue from ``ckpt`` (named by config ``key``: ``federation.init-checkpoint`` or
+    ``output.resume``) unless it is ``cfg``'s model: same preset, image shape (C, H, W; None: not compared),
+    classes, noise schedule and what the network predicts. Weights of another schedule or parameterisation load
+    without error and are wrong at every step, so each difference is a :class:`ConfigError` naming the key."""
+    from medfed.diffusion.ddpm import schedule_args
+
+    ours, theirs = cfg, ckpt.config
+    shape_differs = image_shape is not None and tuple(ckpt.image_shape) != tuple(image_shape)
+    if theirs.model.preset != ours.model.preset or shape_differs:
+        raise ConfigError(f"config key '{key}': {path} is a {theirs.model.preset} model for "
+                          f"{tuple(ckpt.image_shape)} images; this run trains {ours.model.preset}"
+                          + (f" on {image_shape}" if image_shape else ""))
+    if theirs.model.num_classes != ours.model.num_classes:
+        raise ConfigError(f"config key '{key}': {path} has model.num-classes = {theirs.model.num_classes}; this run "
+                          f"has {ours.model.num_classes}")
+    if schedule_args(theirs.diffusion) != schedule_args(ours.diffusion):
+        raise ConfigError(f"config key '{key}': {path} was trained with the noise schedule "
+                          f"{schedule_args(theirs.diffusion)}; this run has {schedule_args(ours.diffusion)} (set "
+                          "diffusion.schedule, diffusion.timesteps and the beta range to the checkpoint's)")
+    if theirs.diffusion.prediction != ours.diffusion.prediction:
+        raise ConfigError(f"config key '{key}': {path} predicts {theirs.diffusion.prediction}; this run trains "
+                          f"diffusion.prediction = {ours.diffusion.prediction} (set it to the checkpoint's)")

@@ -88,12 +88,18 @@ def open_run(cfg: RunConfig, name: str | None = None) -> RunDir:
     ``run.toml``.
 
     Raises:
-        ConfigError: the folder already holds a run and ``output.resume`` is off, or resume finds no run.
+        ConfigError: the folder already holds a run and ``output.resume`` is off, or resume finds no run or a
+            checkpoint of another model (:func:`medfed.checkpoint.require_same_model`).
     """
     run = RunDir(Path(cfg.output.dir).expanduser().resolve() / (name or run_name(cfg)))
     if cfg.output.resume:
         if not run.latest_checkpoint.exists():
             raise ConfigError(f"{run.root}: nothing to resume (no checkpoints/latest.pt)")
+        from medfed.checkpoint import load_checkpoint, require_same_model
+
+        # before config.json is rewritten: a refused resume leaves the run folder as it was
+        require_same_model(load_checkpoint(run.latest_checkpoint), cfg, None, key="output.resume",
+                           path=run.latest_checkpoint)
     elif run.config_path.exists():
         raise ConfigError(f"{run.root}: run folder already exists; pass --resume or choose another --name")
     for folder in (run.root, run.checkpoints, run.samples):

@@ -31,6 +31,17 @@ def test_flat_round_trip_keeps_every_value():
     assert from_dict(to_dict(cfg)) == cfg
 
 
+@pytest.mark.parametrize("stored", ["epsilon", "v_prediction", None])
+def test_a_stored_config_keeps_the_prediction_its_model_was_trained_for(stored):
+    """New runs predict the velocity; a checkpoint's config written before ``diffusion.prediction`` existed
+    describes a noise-predicting model and must be read as one, not as today's default."""
+    nested = to_dict(from_flat({"diffusion.prediction": stored or "v_prediction"}))
+    if stored is None:
+        del nested["diffusion"]["prediction"]
+    assert RunConfig().diffusion.prediction == "v_prediction"
+    assert from_dict(nested).diffusion.prediction == (stored or "epsilon")
+
+
 def test_flat_keys_use_sections_and_hyphens():
     keys = to_flat(RunConfig())
     assert "train.batch-size" in keys and "federation.local-epochs" in keys

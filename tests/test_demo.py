@@ -21,8 +21,9 @@ def test_demo_configs_are_class_conditional_private_and_start_from_the_public_mo
     public, private = demo_configs(str(tmp_path), "demo", "cpu")
     for cfg in (public, private):
         assert cfg.model.num_classes == 10 and cfg.model.preset == "micro"
-        assert cfg.diffusion.sampler == "ddim" and cfg.diffusion.guidance == DEMO.guidance > 0
-        assert cfg.train.label_dropout > 0  # classifier-free guidance needs the null class in training
+        assert cfg.diffusion.sampler == "ddim" and cfg.diffusion.guidance == DEMO.guidance == 0.0  # see DemoSettings
+        assert cfg.diffusion.prediction == "v_prediction"  # the default; without guidance the conditional model alone
+        assert cfg.train.label_dropout > 0  # the null class stays trained: guidance remains available
     assert (public.data.dataset, public.data.split) == ("embedded-mnist", "test")
     assert (private.data.dataset, private.data.split, private.data.limit) == ("embedded-mnist", "train", 3500)
     assert private.privacy.enabled and private.secagg.enabled

@@ -19,15 +19,23 @@ class CountingNet(nn.Module):
         return self.net(x, t)
 
 
-def test_per_sample_loss_is_one_value_per_image_and_seeded():
-    model, sched = build_unet("micro", 1), make_scheduler(DiffusionConfig())
+@pytest.mark.parametrize("prediction", ["v_prediction", "epsilon"])
+def test_per_sample_loss_is_one_value_per_image_and_seeded(prediction):
+    model, sched = build_unet("micro", 1), make_scheduler(DiffusionConfig(prediction=prediction))
     x0 = torch.rand(5, 1, 28, 28) * 2 - 1
     a = per_sample_loss(model, sched, x0, torch.Generator().manual_seed(3))
     b = per_sample_loss(model, sched, x0, torch.Generator().manual_seed(3))
     assert a.shape == (5,)
     torch.testing.assert_close(a, b)
-    # MONAI zero-initialises the output convolution, so an untrained net predicts 0 and the loss is E[eps^2] = 1.
-    assert a.mean().item() == pytest.approx(1.0, abs=0.15)
+    # MONAI zero-initialises the output convolution, so an untrained net predicts 0 and each image's loss is the
+    # mean square of its own target (the same draws): E[eps^2] = 1 for the noise, a_t + (1 - a_t) E[x0^2] for v.
+    _, t, target = draw_noisy_inputs(sched, x0, 1, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, target[:, 0].pow(2).mean(dim=(1, 2, 3)))
+    if prediction == "epsilon":
+        assert a.mean().item() == pytest.approx(1.0, abs=0.15)
+    else:
+        abar = sched.alphas_cumprod[t[:, 0]]
+        torch.testing.assert_close(a, abar + (1 - abar) * x0.pow(2).mean(dim=(1, 2, 3)), atol=0.06, rtol=0)
 
 
 @pytest.mark.parametrize("sampler,steps,expected_calls", [("ddim", 7, 7), ("ddpm", None, 20)])

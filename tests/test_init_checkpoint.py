@@ -1,6 +1,6 @@
-"""``federation.init-checkpoint``: the first global model comes from a checkpoint only when it is the same model
-on the same noise schedule and parameterisation (a model trained on another schedule, or predicting the velocity
-instead of the noise, gives the wrong estimate at every step)."""
+"""``federation.init-checkpoint`` and ``output.resume``: training continues from a checkpoint only when it is the
+same model on the same noise schedule and parameterisation (a model trained on another schedule, or predicting the
+velocity instead of the noise, gives the wrong estimate at every step)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from medfed.checkpoint import Checkpoint, save_checkpoint
+from medfed.centralized import train_centralized
 from medfed.config import from_flat
 from medfed.errors import ConfigError
 from medfed.federation.server import load_initial_weights
@@ -45,3 +46,18 @@ def test_another_prediction_is_refused_naming_the_key(tmp_path):
     cfg = from_flat({"model.preset": "pico", "diffusion.prediction": "v_prediction"})
     with pytest.raises(ConfigError, match="federation.init-checkpoint.*diffusion.prediction"):
         load_initial_weights(build_unet("pico", 1), path, cfg, (1, 28, 28))
+
+
+def test_resuming_a_run_of_another_prediction_is_refused_before_training(tmp_path):
+    """A run started before ``v_prediction`` became the default and resumed without the key would otherwise go on
+    training a noise-predicting model to regress the velocity."""
+    run = {"model.preset": "pico", "data.limit": 16, "train.steps": 1, "train.batch-size": 8,
+           "train.sample-every": 1000, "train.num-samples": 4, "diffusion.sample-steps": 2, "train.device": "cpu",
+           "output.dir": str(tmp_path), "output.name": "r", "diffusion.prediction": "epsilon"}
+    first = train_centralized(from_flat(run), show_progress=False)
+    saved = {p: p.read_bytes() for p in first.run.root.rglob("*") if p.is_file()}
+    resumed = {**run, "output.resume": True, "train.steps": 2, "diffusion.prediction": "v_prediction"}
+    with pytest.raises(ConfigError, match="output.resume.*predicts epsilon.*diffusion.prediction = v_prediction"):
+        train_centralized(from_flat(resumed), show_progress=False)
+    assert {p: p.read_bytes() for p in first.run.root.rglob("*") if p.is_file()} == saved  # config.json too
+    train_centralized(from_flat({**resumed, "diffusion.prediction": "epsilon"}), show_progress=False)  # same: goes on

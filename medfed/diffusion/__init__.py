@@ -1,4 +1,4 @@
-"""DDPM noising, the epsilon-prediction loss, the training step and the DDPM/DDIM samplers, on MONAI schedulers."""
+"""DDPM noising, the noise or velocity regression loss, the training step and the DDPM/DDIM samplers (MONAI)."""
 
 from medfed.diffusion.ddpm import (
     check_labels,

@@ -22,13 +22,11 @@ from flwr.server.workflow import DefaultWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.serverapp import Grid
 
-from medfed.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from medfed.checkpoint import Checkpoint, load_checkpoint, require_same_model, save_checkpoint
 from medfed.config import RunConfig, from_flat
 from medfed.contracts import Reason, RoundRecord, SiteOutcome, Status
 from medfed.devices import resolve_device
-from medfed.errors import ConfigError
 from medfed.diffusion import sample_images
-from medfed.diffusion.ddpm import schedule_args
 from medfed.federation.secagg import SecureRound, ask_example_counts, secure_fit_round
 from medfed.federation.site import federated_data_config
 from medfed.federation.strategy import DeltaFedAvg, RoundOutcome, failure_text
@@ -269,23 +267,10 @@ def run_server(grid: Grid, context: Context, fit_round_type: type[FederatedRound
 
 def load_initial_weights(model: torch.nn.Module, path: str, cfg: RunConfig,
                          image_shape: tuple[int, int, int]) -> None:
-    """Load a checkpoint's sampling weights as the first global model; it must match the run's preset and shape."""
+    """Load a checkpoint's sampling weights as the first global model; it must be the run's model
+    (:func:`~medfed.checkpoint.require_same_model`)."""
     ckpt = load_checkpoint(path)
-    if ckpt.config.model.preset != cfg.model.preset or tuple(ckpt.image_shape) != tuple(image_shape):
-        raise ConfigError(f"config key 'federation.init-checkpoint': {path} is a {ckpt.config.model.preset} model "
-                          f"for {tuple(ckpt.image_shape)} images; this run trains {cfg.model.preset} on {image_shape}")
-    if ckpt.config.model.num_classes != cfg.model.num_classes:
-        raise ConfigError(f"config key 'federation.init-checkpoint': {path} has model.num-classes = "
-                          f"{ckpt.config.model.num_classes}; this run has {cfg.model.num_classes}")
-    theirs, ours = schedule_args(ckpt.config.diffusion), schedule_args(cfg.diffusion)
-    if theirs != ours:
-        raise ConfigError(f"config key 'federation.init-checkpoint': {path} was trained with the noise schedule "
-                          f"{theirs}; this run has {ours} (set diffusion.schedule, diffusion.timesteps and the beta "
-                          "range to the checkpoint's)")
-    if ckpt.config.diffusion.prediction != cfg.diffusion.prediction:
-        raise ConfigError(f"config key 'federation.init-checkpoint': {path} predicts "
-                          f"{ckpt.config.diffusion.prediction}; this run trains diffusion.prediction = "
-                          f"{cfg.diffusion.prediction} (set it to the checkpoint's)")
+    require_same_model(ckpt, cfg, image_shape, key="federation.init-checkpoint", path=path)
     model.load_state_dict(ckpt.sampling_weights())
 
 

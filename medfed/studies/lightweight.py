@@ -319,11 +319,11 @@ def markdown(payload: dict[str, Any]) -> str:
         "- latency: wall time per image after two warm-up calls of each batch shape (one at a time: the median over "
         f"{payload['options']['edge_images']} images); `study.json` also has the CPU time per image. On a shared "
         "machine wall times vary with the load.",
-        "- export check: largest difference of the noise prediction (float32) and of 8 samples (at the sampling "
+        "- export check: largest difference of the network's output (float32) and of 8 samples (at the sampling "
         "precision) between the eager model and the TorchScript file.",
         "- the TorchScript file (`edge/<preset>.torchscript.pt`, traced on the CPU: a trace records its device) "
         "runs without medfed and MONAI (`torch.jit.load`, or libtorch in C++); its input is x_t (B, C, H, W) "
-        "float32 and t (B,) int64, its output the predicted noise. On a GPU the latencies are measured with a second "
-        "trace made on that device.",
+        "float32 and t (B,) int64, its output the predicted noise or velocity (the run's `diffusion.prediction`). "
+        "On a GPU the latencies are measured with a second trace made on that device.",
     ]
     return document(lines, payload, f"{len(payload['results'])} rows")
