@@ -97,9 +97,11 @@ class Budget:
         num_samples: generated images behind TSTR and FID; reference: real test images behind FID.
         sample_steps, guidance: DDIM steps and classifier-free guidance of every sample. Guidance 0 (the
             conditional model alone) was chosen on data that is neither private nor test, the 4,500 public
-            embedded digits as validation: TSTR there 0.880 / 0.829 / 0.796 / 0.787 / 0.148 at w = 0 / 0.5 / 1 /
-            1.5 / 3 for MNIST arm 1, 0.868 / 0.827 / 0.832 / 0.771 / 0.515 for arm 5 (stronger guidance trades
-            the diversity a classifier learns from for typical digits); PneumoniaMNIST takes the same value.
+            embedded digits as validation (``guidance_sweep.py``): TSTR there, noise-predicting models, 0.880 /
+            0.829 / 0.796 / 0.787 / 0.148 at w = 0 / 0.5 / 1 / 1.5 / 3 for MNIST arm 1, 0.868 / 0.827 / 0.832 /
+            0.771 / 0.515 for arm 5; velocity-predicting, 0.902 / 0.882 / 0.453 and 0.916 / 0.885 / 0.521 at w = 0
+            / 0.5 / 1.5 (stronger guidance trades the diversity a classifier learns from for typical digits);
+            PneumoniaMNIST takes the same value.
         classifier_epochs: epochs of the domain classifier (feature network).
         parallel_sites, cpus_per_site: Flower simulation resources.
     """

@@ -68,7 +68,8 @@ class DemoSettings:
         sample_steps, guidance, ddim_eta: DDIM steps, classifier-free guidance scale and DDIM stochasticity of
             every sample. Deterministic DDIM (eta 0) leaves visible noise in the samples of these briefly trained
             models; eta 1 (fresh noise at every step, as DDPM) does not. No guidance: the quality benchmark's
-            choice on public validation digits (``benchmarks/bench_quality.py`` ``Budget``). Measured on this
+            choice on public validation digits, for noise- and velocity-predicting models alike
+            (``benchmarks/guidance_sweep.py``). Measured on this
             demo's held-out digits (not used to choose), 2026-12-07, velocity prediction, one run's checkpoints:
             TSTR before / after 0.802 / 0.812 at w = 0, 0.810 / 0.812 at 0.5, 0.792 / 0.791 at 1, 0.723 / 0.733 at
             1.5; FID 38 / 38, 48 / 40, 79 / 67, 145 / 126. (Noise-predicting models needed guidance here: 0.788 /
