@@ -410,6 +410,8 @@ def load_results(path: Path) -> dict[str, Any]:
 
 
 def main() -> None:
+    from medfed.config import PREDICTIONS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arm", default="all", help="1-5, comma-separated, or all")
     parser.add_argument("--dataset", default="mnist,pneumoniamnist", help="mnist, pneumoniamnist, fashion-mnist")
@@ -419,7 +421,7 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parents[1] / "runs" / "quality-bench",
                         help="runs, site ledgers, feature classifier, private pool (default: runs/, git-ignored)")
     parser.add_argument("--results-name", default="quality")
-    parser.add_argument("--prediction", choices=("epsilon", "v_prediction"), default=None,
+    parser.add_argument("--prediction", choices=PREDICTIONS, default=None,
                         help="diffusion.prediction of every arm (default: medfed's default); use its own --out-dir, "
                              "since arms resume from the checkpoints there")
     parser.add_argument("--device", default="auto")

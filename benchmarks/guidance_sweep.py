@@ -7,7 +7,8 @@ as the benchmark: 1,000 samples, every class equally often, DDIM 25 steps, seed 
 
 Usage:
     python benchmarks/guidance_sweep.py --guidance 0,0.5,1.5 runs/quality-v/cpu/mnist/runs/arm-1/checkpoints/latest.pt
-Writes ``benchmarks/results/guidance-sweep.json`` (one entry per checkpoint and scale, merged with earlier runs).
+Writes ``benchmarks/results/guidance-sweep.json`` (one entry per checkpoint and scale, merged with earlier runs;
+the command and machine of the latest).
 """
 
 from __future__ import annotations
@@ -17,36 +18,40 @@ import json
 import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results" / "guidance-sweep.json"
+from bench_quality import BUDGETS
+from common import RESULTS, write_results
+
+NAME = "guidance-sweep"
 
 
 def main() -> None:
+    budget = BUDGETS["cpu"]["mnist"]  # the benchmark's sampling: num_samples, sample_steps
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoints", nargs="+", type=Path)
     parser.add_argument("--guidance", default="0,0.5,1.5", help="comma-separated scales")
-    parser.add_argument("--num", type=int, default=1000)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     from medfed.checkpoint import load_checkpoint
     from medfed.config import DataConfig
     from medfed.datasets import load_dataset
-    from medfed.evaluation.utility import sample_labelled, utility_report
+    from medfed.devices import resolve_device
+    from medfed.evaluation.scoring import SamplingSpec, score_checkpoint
 
+    device = resolve_device(args.device)
     validation = load_dataset(DataConfig(dataset="embedded-mnist", split="train"))
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"validation": validation.name, "runs": []}
-    for path in args.checkpoints:
-        prediction = load_checkpoint(path).config.diffusion.prediction
+    path = RESULTS / f"{NAME}.json"
+    runs = json.loads(path.read_text())["runs"] if path.exists() else []
+    for checkpoint in args.checkpoints:
+        prediction = load_checkpoint(checkpoint).config.diffusion.prediction
         for scale in (float(x) for x in args.guidance.split(",")):
-            samples, _ = sample_labelled(path, args.num, guidance=scale, sampler="ddim", steps=25, seed=0,
-                                         device=args.device)
-            tstr = utility_report(samples.images, samples.labels, validation, source=str(path), seed=0,
-                                  device=args.device)["synthetic"]
-            results["runs"].append({"checkpoint": str(path), "prediction": prediction, "guidance": scale,
-                                    "num": args.num, "accuracy": tstr["accuracy"]})
-            print(f"{path} ({prediction}) w={scale:g}: TSTR on the validation digits {tstr['accuracy']:.4f}",
+            sampling = SamplingSpec(num=budget.num_samples, guidance=scale, steps=budget.sample_steps, seed=0)
+            tstr = score_checkpoint(checkpoint, validation, [], sampling, device=device).tstr["synthetic"]
+            runs.append({"checkpoint": str(checkpoint), "prediction": prediction, "guidance": scale,
+                         "num": sampling.num, "steps": sampling.steps, "accuracy": tstr["accuracy"]})
+            print(f"{checkpoint} ({prediction}) w={scale:g}: TSTR on the validation digits {tstr['accuracy']:.4f}",
                   file=sys.stderr, flush=True)
-            RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+            write_results(NAME, {"validation": validation.name, "runs": runs})
 
 
 if __name__ == "__main__":
